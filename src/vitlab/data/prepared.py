@@ -1,0 +1,56 @@
+"""The prepared dataset: uint8 images (N, 32, 32, 3) HWC RGB, int64 labels and class names, on disk as npz."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitlab import io
+from vitlab.errors import VitlabError
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, 32, 32, 3)
+    labels: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    train: Split
+    test: Split
+    class_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)  # dataset name, source, md5, promised counts
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def save_prepared(dataset: PreparedDataset, folder: str | Path) -> None:
+    folder = Path(folder)
+    for name, split in (("train", dataset.train), ("test", dataset.test)):
+        with io.atomic_path(folder / f"{name}.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, images=split.images, labels=split.labels)
+    io.write_json(folder / "meta.json", {"class_names": dataset.class_names, **dataset.info})
+
+
+def load_prepared(folder: str | Path) -> PreparedDataset:
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        splits = {}
+        for name in ("train", "test"):
+            with np.load(folder / f"{name}.npz", allow_pickle=False) as arrays:
+                splits[name] = Split(images=arrays["images"], labels=arrays["labels"])
+    except (OSError, KeyError, ValueError) as error:
+        raise VitlabError(f"{folder}: not a prepared dataset ({error}); run the download stage first") from None
+    class_names = meta.pop("class_names")
+    return PreparedDataset(train=splits["train"], test=splits["test"], class_names=class_names, info=meta)

@@ -1,0 +1,61 @@
+"""Atomic file writes: an output is either the previous good file or the complete new one, never half."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
+
+    The temporary file lives in the same folder so the final ``os.replace`` is an atomic rename. On any
+    error the temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> None:
+    write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | os.PathLike[str], payload: Any) -> None:
+    write_text(target, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_tsv(target: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """Write rows of equal keys as a tab-separated table (the format ``dvc plots`` reads)."""
+    if not rows:
+        raise ValueError(f"refusing to write an empty table to {target}")
+    columns = list(rows[0])
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_format_cell(row[c]) for c in columns) for row in rows]
+    write_text(target, "\n".join(lines) + "\n")
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

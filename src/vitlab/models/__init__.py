@@ -1,0 +1,48 @@
+"""Model registry: build any architecture from its name and a plain dict of its config.
+
+Checkpoints store ``{"arch": name, "config": asdict(cfg)}`` beside the weights, so a checkpoint rebuilds its
+own model without params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.models.cnn import CNN, CNNConfig
+from vitlab.models.mlp import MLP, MLPConfig
+from vitlab.models.vit import ViT, ViTConfig
+
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "vit": (ViTConfig, ViT),
+    "cnn": (CNNConfig, CNN),
+    "mlp": (MLPConfig, MLP),
+}
+
+
+def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise VitlabError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    config_cls, model_cls = ARCHITECTURES[arch]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(config) - fields
+    if unknown:
+        raise VitlabError(f"{arch} config has unknown keys: {', '.join(sorted(unknown))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return model_cls(config_cls(**values))
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The {"arch", "config"} pair that ``build_model`` turns back into this model."""
+    for arch, (_, model_cls) in ARCHITECTURES.items():
+        if type(model) is model_cls:
+            return {"arch": arch, "config": {k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in dataclasses.asdict(model.cfg).items()}}
+    raise TypeError(f"not a registered vitlab model: {type(model).__name__}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

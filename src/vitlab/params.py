@@ -1,0 +1,176 @@
+"""The schema of ``params.yaml``: one pydantic model per section, with the errors users see.
+
+Every key has a type, a range and a default, and unknown keys are refused, so a typo such as
+``model.patch_szie`` is a one-line error naming the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitlab.data.sources import DATASETS
+from vitlab.errors import VitlabError
+
+IMAGE_SIZE = 32
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
+ModelName = Literal["vit", "cnn", "mlp"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    dataset: DatasetName = "cifar10-sample"
+    source: str | None = Field(
+        None, description="URL or local path of an archive that replaces the dataset's official source"
+    )
+    md5: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="md5 of the archive at data.source")
+    expected_train: int | None = Field(None, gt=0, description="train images the archive must hold")
+    expected_test: int | None = Field(None, gt=0, description="test images the archive must hold")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _mirror_needs_md5(self) -> DataParams:
+        if self.source is not None and self.md5 is None:
+            raise ValueError("data.md5 is required when data.source is set (every archive is verified)")
+        return self
+
+
+class ValidateParams(Section):
+    class_balance_tolerance: float = Field(
+        0.25, gt=0.0, description="each class's share of a split may differ from 1/num_classes by this fraction"
+    )
+    pixel_mean_min: float = Field(90.0, ge=0.0, le=255.0)
+    pixel_mean_max: float = Field(160.0, ge=0.0, le=255.0)
+    pixel_std_min: float = Field(40.0, ge=0.0, le=255.0)
+    pixel_std_max: float = Field(90.0, ge=0.0, le=255.0)
+    max_cross_split_duplicates: int = Field(
+        0, ge=0, description="test images allowed to be exact copies of a train image"
+    )
+
+
+class ModelParams(Section):
+    name: ModelName = "vit"
+    # ViT
+    patch_size: int = Field(4, gt=0)
+    dim: int = Field(64, gt=0)
+    depth: int = Field(6, gt=0)
+    heads: int = Field(4, gt=0)
+    head_dim: int | None = Field(None, gt=0, description="per-head width; default dim // heads")
+    mlp_dim: int = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # CNN and MLP baselines
+    cnn_channels: tuple[int, ...] = Field((16, 32), min_length=1)
+    mlp_hidden: tuple[int, ...] = Field((512, 256), min_length=1)
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> ModelParams:
+        if IMAGE_SIZE % self.patch_size:
+            allowed = [p for p in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % p == 0]
+            raise ValueError(
+                f"model.patch_size={self.patch_size} does not divide the image size {IMAGE_SIZE} "
+                f"(allowed: {', '.join(map(str, allowed))})"
+            )
+        if self.head_dim is None and self.dim % self.heads:
+            raise ValueError(
+                f"model.heads={self.heads} does not divide model.dim={self.dim}; "
+                "choose heads that divide dim or set model.head_dim"
+            )
+        if len(self.cnn_channels) > 5:
+            raise ValueError("model.cnn_channels: at most 5 conv blocks fit a 32x32 image (each halves it)")
+        return self
+
+
+class TrainParams(Section):
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(128, gt=0)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(2.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    crop_padding: int = Field(4, ge=0, le=16)
+    flip: bool = True
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs={self.warmup_epochs} must be smaller than train.epochs={self.epochs}"
+            )
+        return self
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(512, gt=0)
+
+
+class AttentionParams(Section):
+    num_images: int = Field(6, gt=0, le=64, description="first test images to draw, a fixed set")
+
+
+class ExportParams(Section):
+    opset: int = Field(18, ge=17, le=23)
+    max_abs_diff: float = Field(1e-4, gt=0.0, description="largest logit difference ORT vs PyTorch allowed")
+    min_top1_agreement: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class InferenceParams(Section):
+    batch_size: int = Field(256, gt=0)
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    attention: AttentionParams = AttentionParams()
+    export: ExportParams = ExportParams()
+    inference: InferenceParams = InferenceParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join("validate" if part == "validate_" else str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "literal_error":
+        message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
+    if message.startswith(("model.", "train.", "data.")):
+        return message
+    return f"{key}: {message}" if key else message
+
+
+def parse_params(raw: Any, origin: str = "params") -> Params:
+    """Validate a params mapping; raise VitlabError with one line per problem, each naming its key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise VitlabError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(_describe(e) for e in error.errors())
+        raise VitlabError(f"{origin}: {problems}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VitlabError(f"{path}: no such params file") from None
+    except yaml.YAMLError as error:
+        raise VitlabError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return parse_params(raw, origin=str(path))
