@@ -4,8 +4,8 @@ Takes the first N images of every official batch file, keeps the official "pytho
 writes a byte-reproducible .tar.gz (fixed mtimes and owners, gzip without a timestamp), then prints its md5
 for ``vitlab/data/sources.py``. Run once by a maintainer; the pipeline never calls it:
 
-    python tools/make_sample.py ../shared/data/cifar-10-subset-python.tar.gz data/sample --train-per-batch 450 \
-        --test 500
+    python tools/make_sample.py ../shared/data/cifar-10-subset-python.tar.gz data/sample \
+        --train-per-batch 450 --test 500
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 def _load(tar: tarfile.TarFile, name: str) -> dict:
     member = tar.extractfile(f"{FOLDER}/{name}")
     assert member is not None, name
-    return pickle.load(member, encoding="latin1")  # a trusted maintainer's archive; the pipeline never does this
+    return pickle.load(
+        member, encoding="latin1"
+    )  # a trusted maintainer's archive; the pipeline never does this
 
 
 class _Python2Pickler(pickle._Pickler):
@@ -62,7 +64,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--train-per-batch", type=int, default=450)
@@ -70,13 +74,20 @@ def main() -> None:
     args = parser.parse_args()
 
     raw = io.BytesIO()
-    with tarfile.open(args.source, "r:gz") as src, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as dst:
+    with (
+        tarfile.open(args.source, "r:gz") as src,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as dst,
+    ):
         meta = src.extractfile(f"{FOLDER}/batches.meta")
         assert meta is not None
         _add(dst, "batches.meta", meta.read())
         for name, count in [*((n, args.train_per_batch) for n in TRAIN), ("test_batch", args.test)]:
             batch = _load(src, name)
-            small = {"batch_label": batch["batch_label"], "labels": batch["labels"][:count], "data": batch["data"][:count]}
+            small = {
+                "batch_label": batch["batch_label"],
+                "labels": batch["labels"][:count],
+                "data": batch["data"][:count],
+            }
             _add(dst, name, _dumps(small))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "cifar-10-sample-python.tar.gz"

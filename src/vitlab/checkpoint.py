@@ -49,8 +49,9 @@ class Checkpoint:
     dataset: str
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, class_names: list[str], norm: Normalization,
-                    dataset: str) -> None:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, class_names: list[str], norm: Normalization, dataset: str
+) -> None:
     payload = {
         **model_spec(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -64,7 +65,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, class_names: list[str], 
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint written by ``save_checkpoint`` (never unpickles anything but tensors and plain data)."""
+    """Load a ``save_checkpoint`` file; weights_only=True: nothing but tensors and plain data is unpickled."""
     path = Path(path)
     if not path.is_file():
         raise VitlabError(f"{path}: no such checkpoint")

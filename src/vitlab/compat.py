@@ -1,9 +1,9 @@
 """Make a CUDA build of torchvision importable beside a CPU build of torch.
 
 The torchvision wheel on PyPI is compiled against CUDA torch. Beside a CPU-only torch its C++ extension does
-not load, and ``import torchvision`` fails with ``operator torchvision::nms does not exist`` while it registers
-fake kernels for its ops. Declaring the two op schemas it looks up lets the import finish; the transforms and
-datasets vitlab uses never call those ops.
+not load, and ``import torchvision`` fails with ``operator torchvision::nms does not exist`` while it
+registers fake kernels for its ops. Declaring the two op schemas it looks up lets the import finish; the
+transforms and datasets vitlab uses never call those ops.
 
 The shim only acts after a real import has failed with exactly that error, so on a matching torch/torchvision
 pair (a user's CUDA machine) it changes nothing. Always import torchvision through ``import_torchvision()``.

@@ -44,7 +44,9 @@ class DataParams(Section):
 
 class ValidateParams(Section):
     class_balance_tolerance: float = Field(
-        0.25, gt=0.0, description="each class's share of a split may differ from 1/num_classes by this fraction"
+        0.25,
+        gt=0.0,
+        description="each class's share of a split may differ from 1/num_classes by this fraction",
     )
     pixel_mean_min: float = Field(90.0, ge=0.0, le=255.0)
     pixel_mean_max: float = Field(160.0, ge=0.0, le=255.0)
@@ -147,7 +149,7 @@ def _describe(error: dict[str, Any]) -> str:
         message = "unknown key"
     elif error["type"] == "literal_error":
         message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
-    if message.startswith(("model.", "train.", "data.")):
+    if key and message.startswith(f"{key}."):  # cross-field checks already name their keys
         return message
     return f"{key}: {message}" if key else message
 

@@ -51,6 +51,8 @@ def load_prepared(folder: str | Path) -> PreparedDataset:
             with np.load(folder / f"{name}.npz", allow_pickle=False) as arrays:
                 splits[name] = Split(images=arrays["images"], labels=arrays["labels"])
     except (OSError, KeyError, ValueError) as error:
-        raise VitlabError(f"{folder}: not a prepared dataset ({error}); run the download stage first") from None
+        raise VitlabError(
+            f"{folder}: not a prepared dataset ({error}); run the download stage first"
+        ) from None
     class_names = meta.pop("class_names")
     return PreparedDataset(train=splits["train"], test=splits["test"], class_names=class_names, info=meta)

@@ -39,8 +39,13 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     """The {"arch", "config"} pair that ``build_model`` turns back into this model."""
     for arch, (_, model_cls) in ARCHITECTURES.items():
         if type(model) is model_cls:
-            return {"arch": arch, "config": {k: list(v) if isinstance(v, tuple) else v
-                                             for k, v in dataclasses.asdict(model.cfg).items()}}
+            return {
+                "arch": arch,
+                "config": {
+                    k: list(v) if isinstance(v, tuple) else v
+                    for k, v in dataclasses.asdict(model.cfg).items()
+                },
+            }
     raise TypeError(f"not a registered vitlab model: {type(model).__name__}")
 
 

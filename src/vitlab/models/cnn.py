@@ -32,7 +32,9 @@ class CNN(nn.Module):
             width = out
         self.features = nn.Sequential(*layers)
         side = cfg.image_size // 2 ** len(cfg.channels)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(width * side * side, cfg.num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(width * side * side, cfg.num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, 3, 32, 32) -> (B, classes)

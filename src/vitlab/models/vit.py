@@ -44,7 +44,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.inner_dim, cfg.dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
         p = self.dropout if self.training else 0.0
@@ -72,7 +74,9 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
         x = x + y
         return x + self.mlp(self.norm2(x)), weights
@@ -95,7 +99,7 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, classes) and attention weights of every layer, (depth, B, heads, T, T), T = patches + 1."""
+        """Logits (B, classes) and each layer's attention weights (depth, B, heads, T, T), T = patches + 1."""
         logits, weights = self._forward(x, need_weights=True)
         return logits, torch.stack(weights)
 

@@ -1,0 +1,117 @@
+"""The ``vitlab`` command line: predict with ONNX Runtime, run pipeline stages, check params.
+
+Heavy libraries are imported inside the commands, so ``vitlab predict`` never imports torch and ``--help``
+answers at once. A VitlabError is printed as one line on stderr with exit code 2; ``--debug`` (or
+``VITLAB_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitlab import __version__
+from vitlab.errors import VitlabError
+
+app = typer.Typer(
+    help="Vision Transformers on CIFAR: a reproducible pipeline (dvc repro) and ONNX Runtime inference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ["VITLAB_DEBUG"] = "1"
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="an ONNX model exported by vitlab (models/model.onnx)")],
+    inputs: Annotated[list[str], typer.Argument(help="image files, folders (searched recursively) or globs")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per image")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document instead of a table")] = False,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="intra-op threads (default: ORT's)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per ONNX Runtime call")] = 256,
+) -> None:
+    """Classify images of any size with ONNX Runtime (no torch needed). Exit 1 if any image failed."""
+    from vitlab.inference import Classifier, classify_files, expand_inputs
+
+    classifier = Classifier(model, provider=provider, threads=threads)
+    results = classify_files(classifier, expand_inputs(inputs), top_k=min(top_k, len(classifier.class_names)),
+                             batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps({"model": str(model), "predictions": [r.to_dict() for r in results]}, indent=2))
+    else:
+        for r in results:
+            if r.error:
+                typer.echo(f"{r.path}\terror: {r.error}")
+            else:
+                labels = ", ".join(f"{n} {p:.3f}" for n, p in zip(r.labels, r.probabilities, strict=True))
+                typer.echo(f"{r.path}\t{labels}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        typer.echo(f"{failed} of {len(results)} images could not be classified", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="download | validate | train | evaluate | attention | export | inference")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run one pipeline stage here, exactly as `dvc repro` does (outputs under data/, models/, reports/)."""
+    from vitlab.params import load_params
+    from vitlab.stages import STAGES, Layout
+
+    if name not in STAGES:
+        raise VitlabError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    STAGES[name](load_params(params), Layout())
+
+
+@app.command("params")
+def show_params(params: ParamsOption = Path("params.yaml")) -> None:
+    """Validate a params file and print every value, defaults included."""
+    from vitlab.params import load_params
+
+    typer.echo(json.dumps(load_params(params).model_dump(by_alias=True, mode="json"), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning a VitlabError into one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="vitlab")  # standalone: click reports usage errors and exits itself
+    except VitlabError as error:
+        if os.environ.get("VITLAB_DEBUG"):
+            raise
+        typer.echo(f"error: {error}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

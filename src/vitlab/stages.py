@@ -1,0 +1,299 @@
+"""The pipeline's stages as library functions: each reads its params, calls the library, writes its outputs.
+
+``dvc.yaml`` runs them through ``pipeline/run.py`` and users through ``vitlab stage NAME``: one code path.
+Every output is written atomically, and a stage that fails raises VitlabError before writing anything that
+could pass for a result.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _io
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from vitlab import io
+from vitlab.params import Params
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes: the cookiecutter-data-science folders, relative to the repo."""
+
+    raw_dir: Path = Path("data/raw")  # download cache, md5-verified on reuse
+    prepared_dir: Path = Path("data/prepared")
+    validation: Path = Path("reports/validation.json")
+    checkpoint: Path = Path("models/model.pt")
+    train_metrics: Path = Path("reports/train/metrics.json")
+    train_history: Path = Path("reports/train/history.tsv")
+    train_curves: Path = Path("reports/train/curves.png")
+    eval_metrics: Path = Path("reports/eval/metrics.json")
+    confusion: Path = Path("reports/eval/confusion.csv")
+    per_class: Path = Path("reports/eval/per_class.tsv")
+    attention_dir: Path = Path("reports/attention")
+    onnx: Path = Path("models/model.onnx")
+    export_metrics: Path = Path("reports/export/metrics.json")
+    predictions: Path = Path("reports/inference/predictions.csv")
+    inference_metrics: Path = Path("reports/inference/metrics.json")
+
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        return cls(**{f.name: root / getattr(cls, f.name) for f in fields(cls)})
+
+
+def download(params: Params, layout: Layout) -> None:
+    from vitlab.data.archive import prepare_dataset
+    from vitlab.data.sources import DATASETS
+
+    p = params.data
+    dataset = prepare_dataset(
+        DATASETS[p.dataset],
+        p.source,
+        p.md5,
+        layout.raw_dir,
+        layout.prepared_dir,
+        expected_train=p.expected_train,
+        expected_test=p.expected_test,
+    )
+    print(
+        f"prepared {p.dataset}: {len(dataset.train)} train, {len(dataset.test)} test images, "
+        f"{dataset.num_classes} classes -> {layout.prepared_dir}"
+    )
+
+
+def validate(params: Params, layout: Layout) -> None:
+    from vitlab.data.prepared import load_prepared
+    from vitlab.validate import ValidationThresholds, ensure_valid, validate_dataset
+
+    result = validate_dataset(
+        load_prepared(layout.prepared_dir), ValidationThresholds(**params.validate_.model_dump())
+    )
+    io.write_json(layout.validation, result)
+    ensure_valid(result)
+    print(f"validation passed -> {layout.validation}")
+
+
+def train(params: Params, layout: Layout) -> None:
+    from vitlab.checkpoint import Normalization, save_checkpoint
+    from vitlab.data.prepared import load_prepared
+    from vitlab.figures import plot_training_curves
+    from vitlab.models import build_model, count_parameters
+    from vitlab.tracking import Tracker
+    from vitlab.train import TrainConfig, split_train_val
+    from vitlab.train import train as fit
+
+    dataset = load_prepared(layout.prepared_dir)
+    train_split, val_split = split_train_val(dataset.train, params.data.val_fraction, params.data.seed)
+    norm = Normalization.from_images(train_split.images)
+    model = build_model(params.model.name, model_config(params, dataset.num_classes))
+    n_params = count_parameters(model)
+    print(
+        f"{params.model.name}: {n_params:,} parameters; {len(train_split)} train / "
+        f"{len(val_split) if val_split else 0} val images"
+    )
+    tracker = Tracker(config=params.model_dump(by_alias=True) | {"num_parameters": n_params})
+    try:
+        result = fit(
+            model,
+            train_split,
+            val_split,
+            norm,
+            TrainConfig(**params.train.model_dump()),
+            on_epoch=lambda row: tracker.log(row, step=int(row["epoch"])),
+        )
+        save_checkpoint(layout.checkpoint, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
+        io.write_tsv(layout.train_history, result.history)
+        plot_training_curves(result.history, layout.train_curves)
+        metrics = {
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "final_train_accuracy": result.history[-1]["train_accuracy"],
+            "num_parameters": n_params,
+            "train_images": len(train_split),
+            "wall_time_s": round(result.wall_time_s, 1),
+            "images_per_s": round(float(np.mean([r["images_per_s"] for r in result.history])), 1),
+            "device": result.device,
+            "hardware": hardware_description(result.device),
+        }
+        io.write_json(layout.train_metrics, metrics)
+        tracker.summary(metrics)
+        tracker.log_images({"training_curves": layout.train_curves})
+    finally:
+        tracker.finish()
+    print(
+        f"best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; "
+        f"{result.wall_time_s:.0f} s -> {layout.checkpoint}"
+    )
+
+
+def evaluate(params: Params, layout: Layout) -> None:
+    from vitlab.checkpoint import load_checkpoint
+    from vitlab.data.prepared import load_prepared
+    from vitlab.evaluate import evaluate as run_eval
+    from vitlab.train import select_device
+
+    device = select_device(params.train.device)
+    ckpt = load_checkpoint(layout.checkpoint, device)
+    test = load_prepared(layout.prepared_dir).test
+    result = run_eval(
+        ckpt.model, test, ckpt.normalization, len(ckpt.class_names), params.evaluate.batch_size, device
+    )
+    names = ckpt.class_names
+    io.write_json(
+        layout.eval_metrics,
+        {
+            "test_loss": round(result.loss, 6),
+            "test_accuracy": round(result.accuracy, 6),
+            "test_images": len(test),
+            "per_class_accuracy": {
+                n: round(a, 4) for n, a in zip(names, result.per_class_accuracy, strict=True)
+            },
+        },
+    )
+    io.write_tsv(
+        layout.per_class,
+        [
+            {"class": n, "accuracy": a, "support": int(s)}
+            for n, a, s in zip(names, result.per_class_accuracy, result.confusion.sum(1), strict=True)
+        ],
+    )
+    _write_csv(
+        layout.confusion,
+        ["actual", "predicted"],
+        [(names[a], names[p]) for a, p in zip(test.labels, result.predictions, strict=True)],
+    )
+    print(f"test accuracy {result.accuracy:.4f}, loss {result.loss:.4f} on {len(test)} images")
+
+
+def attention(params: Params, layout: Layout) -> None:
+    from vitlab.attention import render_attention
+    from vitlab.checkpoint import load_checkpoint
+    from vitlab.data.prepared import load_prepared
+
+    ckpt = load_checkpoint(layout.checkpoint)
+    test = load_prepared(layout.prepared_dir).test
+    n = min(params.attention.num_images, len(test))
+    layout.attention_dir.mkdir(parents=True, exist_ok=True)
+    summary = render_attention(
+        ckpt.model,
+        test.images[:n],
+        test.labels[:n],
+        ckpt.class_names,
+        ckpt.normalization,
+        layout.attention_dir,
+    )
+    io.write_json(layout.attention_dir / "summary.json", summary)
+    if summary.get("supported"):
+        print(f"attention maps of {n} test images -> {layout.attention_dir}")
+    else:
+        print(f"no attention maps: {summary.get('reason')} (the stage completes without pictures)")
+
+
+def export(params: Params, layout: Layout) -> None:
+    from vitlab.checkpoint import load_checkpoint
+    from vitlab.data.prepared import load_prepared
+    from vitlab.export import ensure_parity, export_onnx, verify_onnx
+
+    ckpt = load_checkpoint(layout.checkpoint)
+    eval_metrics = json.loads(layout.eval_metrics.read_text()) if layout.eval_metrics.exists() else {}
+    metadata = {
+        "dataset": ckpt.dataset,
+        "params_sha256": params_digest(params),
+        "test_accuracy": str(eval_metrics.get("test_accuracy", "")),
+    }
+    export_onnx(ckpt.model, layout.onnx, ckpt.class_names, ckpt.normalization, params.export.opset, metadata)
+    test = load_prepared(layout.prepared_dir).test
+    result = verify_onnx(layout.onnx, ckpt.model, test.images, ckpt.normalization)
+    io.write_json(layout.export_metrics, result)
+    ensure_parity(result, params.export.max_abs_diff, params.export.min_top1_agreement)
+    print(
+        f"exported {layout.onnx}: max |logit diff| {result['max_abs_diff']:.2e}, "
+        f"top-1 agreement {result['top1_agreement']:.4f} on {result['num_images']} test images"
+    )
+
+
+def inference(params: Params, layout: Layout) -> None:
+    import time
+
+    from vitlab.data.prepared import load_prepared
+    from vitlab.inference import Classifier
+
+    classifier = Classifier(layout.onnx, provider=params.inference.provider)
+    test = load_prepared(layout.prepared_dir).test
+    start = time.perf_counter()
+    probabilities = classifier.predict(test.images, batch_size=params.inference.batch_size)
+    seconds = time.perf_counter() - start
+    predictions = probabilities.argmax(1)
+    names = classifier.class_names
+    _write_csv(
+        layout.predictions,
+        ["index", "label", "predicted", "confidence"],
+        [
+            (i, names[t], names[p], f"{probabilities[i, p]:.6f}")
+            for i, (t, p) in enumerate(zip(test.labels, predictions, strict=True))
+        ],
+    )
+    accuracy = float((predictions == test.labels).mean())
+    io.write_json(
+        layout.inference_metrics,
+        {
+            "test_accuracy": round(accuracy, 6),
+            "test_images": len(test),
+            "providers": classifier.providers,
+        },
+    )
+    print(
+        f"ONNX Runtime ({classifier.providers[0]}): test accuracy {accuracy:.4f} on {len(test)} images, "
+        f"{len(test) / seconds:.0f} img/s"
+    )
+
+
+STAGES: dict[str, Callable[[Params, Layout], None]] = {
+    "download": download,
+    "validate": validate,
+    "train": train,
+    "evaluate": evaluate,
+    "attention": attention,
+    "export": export,
+    "inference": inference,
+}
+
+
+def model_config(params: Params, num_classes: int) -> dict:
+    """The architecture's config dict (see vitlab.models) from the ``model`` section of params."""
+    m = params.model
+    common = {"num_classes": num_classes, "dropout": m.dropout}
+    if m.name == "vit":
+        keys = ("patch_size", "dim", "depth", "heads", "head_dim", "mlp_dim")
+        return common | {k: getattr(m, k) for k in keys}
+    if m.name == "cnn":
+        return common | {"channels": list(m.cnn_channels)}
+    return common | {"hidden": list(m.mlp_hidden)}
+
+
+def params_digest(params: Params) -> str:
+    return hashlib.sha256(json.dumps(params.model_dump(by_alias=True), sort_keys=True).encode()).hexdigest()
+
+
+def hardware_description(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+
+
+def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    io.write_text(path, buffer.getvalue())

@@ -1,0 +1,85 @@
+"""Weights & Biases tracking that never needs an account, never hangs and never stops training.
+
+Mode: the user's ``WANDB_MODE`` when set; otherwise ``online`` if an API key is configured (``WANDB_API_KEY``
+or a ``wandb login``), else ``offline`` (runs are written under ./wandb and can be synced later with
+``wandb sync``). Any W&B failure becomes one warning and training goes on untracked.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def resolve_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb_key():
+        return "online"
+    return "offline"
+
+
+def _netrc_has_wandb_key() -> bool:
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(path).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class Tracker:
+    """A thin wrapper over one W&B run; every method is a no-op once tracking is off or has failed."""
+
+    def __init__(self, config: dict[str, Any], job_type: str = "train"):
+        self.run = None
+        mode = resolve_mode()
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "vitlab"),
+                name=os.environ.get("DVC_EXP_NAME") or None,
+                job_type=job_type,
+                config=config,
+                mode=mode,
+                settings=wandb.Settings(silent=True, init_timeout=60, console="off", x_disable_stats=True),
+            )
+        except Exception as error:  # W&B must never take training down with it
+            self._warn(error)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._call(lambda: self.run.log(metrics, step=step))
+
+    def log_images(self, images: dict[str, str | Path], step: int | None = None) -> None:
+        def _log() -> None:
+            import wandb
+
+            self.run.log({k: wandb.Image(str(v)) for k, v in images.items()}, step=step)
+
+        self._call(_log)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        self._call(lambda: self.run.summary.update(metrics))
+
+    def finish(self) -> None:
+        self._call(self.run.finish if self.run else lambda: None)
+        self.run = None
+
+    def _call(self, action) -> None:
+        if self.run is None:
+            return
+        try:
+            action()
+        except Exception as error:
+            self._warn(error)
+            self.run = None
+
+    @staticmethod
+    def _warn(error: Exception) -> None:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"W&B tracking is off for this run: {message}", RuntimeWarning, stacklevel=3)
