@@ -80,6 +80,8 @@ def validate(params: Params, layout: Layout) -> None:
 
 
 def train(params: Params, layout: Layout) -> None:
+    import torch
+
     from vitlab.checkpoint import Normalization, save_checkpoint
     from vitlab.data.prepared import load_prepared
     from vitlab.figures import plot_training_curves
@@ -91,6 +93,7 @@ def train(params: Params, layout: Layout) -> None:
     dataset = load_prepared(layout.prepared_dir)
     train_split, val_split = split_train_val(dataset.train, params.data.val_fraction, params.data.seed)
     norm = Normalization.from_images(train_split.images)
+    torch.manual_seed(params.train.seed)  # fixes the weight initialization too
     model = build_model(params.model.name, model_config(params, dataset.num_classes))
     n_params = count_parameters(model)
     print(

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from vitlab.errors import VitlabError
+from vitlab.params import Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_file_is_valid_and_complete():
+    params = load_params(REPO / "params.yaml")
+    # Every key of the schema is written out in params.yaml, so `dvc exp run -S` can address each one.
+    assert params == Params.model_validate(params.model_dump(by_alias=True))
+    assert params.data.dataset == "cifar10-sample"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"model": {"patch_szie": 4}}, "model.patch_szie: unknown key"),
+        ({"modle": {}}, "modle: unknown key"),
+        ({"model": {"patch_size": 5}}, "model.patch_size=5 does not divide the image size 32 (allowed: 1, 2, 4"),
+        ({"model": {"heads": 3}}, "model.heads=3 does not divide model.dim=64"),
+        ({"model": {"name": "resnet"}}, "model.name: got 'resnet'; input should be 'vit', 'cnn' or 'mlp'"),
+        ({"data": {"dataset": "imagenet"}}, "data.dataset: got 'imagenet'; input should be 'cifar10-sample'"),
+        ({"train": {"learning_rate": 0}}, "train.learning_rate: Input should be greater than 0"),
+        ({"train": {"learning_rate": -1e-3}}, "train.learning_rate: Input should be greater than 0"),
+        ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),
+        ({"train": {"batch_size": -8}}, "train.batch_size: Input should be greater than 0"),
+        ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
+        ({"train": {"epochs": 2, "warmup_epochs": 3}}, "train.warmup_epochs=3.0 must be smaller than"),
+        ({"data": {"source": "mirror.tar.gz"}}, "data.md5 is required when data.source is set"),
+        ({"data": {"val_fraction": 1.5}}, "data.val_fraction: Input should be less than 1"),
+    ],
+)
+def test_bad_params_name_the_key(raw, expected):
+    with pytest.raises(VitlabError) as error:
+        parse_params(raw, origin="params.yaml")
+    message = str(error.value)
+    assert expected in message
+    assert message.startswith("params.yaml: ")
+    assert "\n" not in message
+
+
+def test_heads_need_not_divide_dim_with_an_explicit_head_dim():
+    params = parse_params({"model": {"dim": 64, "heads": 3, "head_dim": 32}})
+    assert params.model.head_dim == 32
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    with pytest.raises(VitlabError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(VitlabError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(VitlabError, match="expected a mapping of sections"):
+        load_params(bad)
