@@ -29,3 +29,13 @@ def test_write_tsv_refuses_empty_tables_and_formats_floats(tmp_path):
     assert target.read_text() == "epoch\tloss\n1\t0.123457\n2\t0.1\n"
     with pytest.raises(ValueError, match="empty table"):
         io.write_tsv(tmp_path / "empty.tsv", [])
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "out.json"
+    io.write_json(target, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
