@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except SystemExit as done:  # click ends every standalone run this way, success included
+        return done.code if isinstance(done.code, int) else int(done.code is not None)
     return 0
 
 
