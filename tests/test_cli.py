@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _vitlab(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitlab.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "vitlab.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["predict"], ["stage"], ["params"]])

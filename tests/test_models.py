@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from vitlab.errors import VitlabError
 from vitlab.models import build_model, count_parameters, model_spec
 from vitlab.models.vit import ViT, ViTConfig
-from vitlab.errors import VitlabError
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,7 @@ def test_head_dim_lets_heads_not_divide_dim():
     model = ViT(cfg)
     assert model.blocks[0].attn.qkv.out_features == 3 * 3 * 32
     logits, weights = model.forward_with_attention(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
     assert weights.shape == (1, 2, 3, 65, 65)
 
 

@@ -20,7 +20,10 @@ def test_committed_params_file_is_valid_and_complete():
     [
         ({"model": {"patch_szie": 4}}, "model.patch_szie: unknown key"),
         ({"modle": {}}, "modle: unknown key"),
-        ({"model": {"patch_size": 5}}, "model.patch_size=5 does not divide the image size 32 (allowed: 1, 2, 4"),
+        (
+            {"model": {"patch_size": 5}},
+            "model.patch_size=5 does not divide the image size 32 (allowed: 1, 2, 4",
+        ),
         ({"model": {"heads": 3}}, "model.heads=3 does not divide model.dim=64"),
         ({"model": {"name": "resnet"}}, "model.name: got 'resnet'; input should be 'vit', 'cnn' or 'mlp'"),
         ({"data": {"dataset": "imagenet"}}, "data.dataset: got 'imagenet'; input should be 'cifar10-sample'"),

@@ -104,8 +104,21 @@ def test_predict_cli_agrees_with_pytorch_on_real_test_images(clone, tmp_path):
         images = test["images"][:24]
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"test_{i:02d}.png")
-    done = _run([sys.executable, "-m", "vitlab.cli", "predict", "models/model.onnx", str(tmp_path), "--json",
-                 "--top-k", "2"], root, env)
+    done = _run(
+        [
+            sys.executable,
+            "-m",
+            "vitlab.cli",
+            "predict",
+            "models/model.onnx",
+            str(tmp_path),
+            "--json",
+            "--top-k",
+            "2",
+        ],
+        root,
+        env,
+    )
     predictions = json.loads(done.stdout)["predictions"]
     assert [Path(p["path"]).name for p in predictions] == [f"test_{i:02d}.png" for i in range(24)]
 
@@ -123,8 +136,23 @@ def _experiments(root: Path, env: dict[str, str]) -> list[dict]:
 
 def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(clone):
     root, env = clone
-    _run(["dvc", "exp", "run", "-n", "patch2", "-S", "model.patch_size=2", "-S", "train.epochs=2",
-          "-S", "train.warmup_epochs=1"], root, env)
+    _run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "patch2",
+            "-S",
+            "model.patch_size=2",
+            "-S",
+            "train.epochs=2",
+            "-S",
+            "train.warmup_epochs=1",
+        ],
+        root,
+        env,
+    )
     shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
     assert "patch2" in shown
     row = next(line for line in shown.splitlines() if line.startswith("patch2"))
@@ -134,19 +162,45 @@ def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(clone):
     assert 0.0 < float(values["test_accuracy"]) <= 1.0
 
 
-@pytest.mark.skipif(not CIFAR100_SUBSET.exists(), reason=f"real CIFAR-100 subset not found at {CIFAR100_SUBSET}")
+@pytest.mark.skipif(
+    not CIFAR100_SUBSET.exists(), reason=f"real CIFAR-100 subset not found at {CIFAR100_SUBSET}"
+)
 def test_cifar100_subset_through_the_mirror_parameters(clone):
     root, env = clone
     # 1,117 training images over 100 classes hold 5-22 per class: a random subset is not balanced, so the
     # balance tolerance is widened for it; every other expectation holds as for the full data set.
-    _run(["dvc", "exp", "run", "-n", "c100", "-S", "data.dataset=cifar100",
-          "-S", f"data.source={CIFAR100_SUBSET}", "-S", f"data.md5={CIFAR100_SUBSET_MD5}",
-          "-S", "data.expected_train=1117", "-S", "data.expected_test=916",
-          "-S", "validate.class_balance_tolerance=1.0", "-S", "train.epochs=2", "-S", "train.warmup_epochs=1"],
-         root, env)
+    _run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "c100",
+            "-S",
+            "data.dataset=cifar100",
+            "-S",
+            f"data.source={CIFAR100_SUBSET}",
+            "-S",
+            f"data.md5={CIFAR100_SUBSET_MD5}",
+            "-S",
+            "data.expected_train=1117",
+            "-S",
+            "data.expected_test=916",
+            "-S",
+            "validate.class_balance_tolerance=1.0",
+            "-S",
+            "train.epochs=2",
+            "-S",
+            "train.warmup_epochs=1",
+        ],
+        root,
+        env,
+    )
     shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
     header = shown.splitlines()[0].split(",")
-    row = dict(zip(header, next(r for r in shown.splitlines() if r.startswith("c100")).split(","), strict=False))
+    row = dict(
+        zip(header, next(r for r in shown.splitlines() if r.startswith("c100")).split(","), strict=False)
+    )
     assert row["data.dataset"] == "cifar100"
     assert 0.0 <= float(row["test_accuracy"]) <= 1.0
     assert int(float(row["test_images"])) == 916

@@ -42,7 +42,9 @@ def test_a_broken_wandb_gives_one_warning_and_training_goes_on(monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setattr(wandb, "init", broken_init)
-    with pytest.warns(RuntimeWarning, match=r"W&B tracking is off for this run: api key not configured \(no-tty\)$"):
+    with pytest.warns(
+        RuntimeWarning, match=r"W&B tracking is off for this run: api key not configured \(no-tty\)$"
+    ):
         tracker = tracking.Tracker({"a": 1})
     assert tracker.run is None
     tracker.log({"loss": 1.0})

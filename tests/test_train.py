@@ -24,7 +24,7 @@ def _separable_split(n: int, seed: int = 0) -> Split:
 def test_split_train_val_is_seeded_disjoint_and_complete():
     split = Split(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(3, -1), np.arange(100))
     tr, va = split_train_val(split, 0.2, seed=3)
-    tr2, va2 = split_train_val(split, 0.2, seed=3)
+    _, va2 = split_train_val(split, 0.2, seed=3)
     assert len(va) == 20 and len(tr) == 80
     assert np.array_equal(va.labels, va2.labels)
     assert sorted(np.concatenate([tr.labels, va.labels]).tolist()) == list(range(100))
@@ -71,7 +71,7 @@ def test_same_seed_gives_identical_training_on_cpu():
 
 def test_unavailable_device_is_a_clear_error():
     if not torch.cuda.is_available():
-        with pytest.raises(VitlabError, match="train.device='cuda' is not available"):
+        with pytest.raises(VitlabError, match=r"train\.device='cuda' is not available"):
             select_device("cuda")
     assert select_device("cpu").type == "cpu"
     assert select_device("auto").type in {"cuda", "mps", "cpu"}

@@ -24,8 +24,12 @@ def _actionlint_command() -> list[str] | None:
 def test_workflows_exist_and_run_the_readme_commands():
     names = {w.name for w in WORKFLOWS}
     assert {"tests.yml", "pipeline.yml"} <= names
-    steps = [s.get("run", "") for w in WORKFLOWS for j in yaml.safe_load(w.read_text())["jobs"].values()
-             for s in j["steps"]]
+    steps = [
+        s.get("run", "")
+        for w in WORKFLOWS
+        for j in yaml.safe_load(w.read_text())["jobs"].values()
+        for s in j["steps"]
+    ]
     assert any("make test" in s for s in steps)
     assert any("make repro" in s for s in steps)
 
@@ -44,7 +48,8 @@ def test_actionlint_check_can_fail(tmp_path):
     if command is None:
         pytest.skip("actionlint not installed")
     bad = tmp_path / "bad.yml"
-    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ github.nope }}\n")
+    steps = "    steps:\n      - run: echo ${{ github.nope }}\n"
+    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n" + steps)
     env = {**os.environ, "NODE_PATH": str(WASM_PACKAGE)}
     done = subprocess.run([*command, str(bad)], capture_output=True, text=True, env=env)
     assert done.returncode != 0

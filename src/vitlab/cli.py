@@ -50,7 +50,9 @@ def predict(
     model: Annotated[Path, typer.Argument(help="an ONNX model exported by vitlab (models/model.onnx)")],
     inputs: Annotated[list[str], typer.Argument(help="image files, folders (searched recursively) or globs")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per image")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document instead of a table")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON document instead of a table")
+    ] = False,
     provider: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="intra-op threads (default: ORT's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per ONNX Runtime call")] = 256,
@@ -59,8 +61,7 @@ def predict(
     from vitlab.inference import Classifier, classify_files, expand_inputs
 
     classifier = Classifier(model, provider=provider, threads=threads)
-    results = classify_files(classifier, expand_inputs(inputs), top_k=min(top_k, len(classifier.class_names)),
-                             batch_size=batch_size)
+    results = classify_files(classifier, expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps({"model": str(model), "predictions": [r.to_dict() for r in results]}, indent=2))
     else:
@@ -78,7 +79,9 @@ def predict(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="download | validate | train | evaluate | attention | export | inference")],
+    name: Annotated[
+        str, typer.Argument(help="download | validate | train | evaluate | attention | export | inference")
+    ],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Run one pipeline stage here, exactly as `dvc repro` does (outputs under data/, models/, reports/)."""

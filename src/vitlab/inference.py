@@ -1,0 +1,256 @@
+"""Serving: classify image files with a vitlab ONNX model, on ONNX Runtime alone.
+
+This module imports numpy, Pillow, onnxruntime and the standard library only (vitlab.errors is plain Python),
+so a serving environment needs no torch. Everything the model needs besides its graph (class names, input
+normalization) is read from the ONNX file's metadata, written by ``vitlab.export``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitlab.errors import VitlabError
+
+IMAGE_SIZE = 32
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+# 64 megapixels covers any camera; beyond it a small file is most likely a decompression bomb. Checked here
+# rather than through Image.MAX_IMAGE_PIXELS, which is process-wide state that warns before it refuses.
+MAX_PIXELS = 64_000_000
+# Transparent pixels become white, as image viewers show them; CIFAR photos have no alpha, so any background
+# is a guess, and white is the one the user saw when looking at the file.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    # TensorRT hands the operators it cannot build to CUDA, and CUDA to the CPU.
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Any PNG/JPEG/BMP/WebP -> uint8 (32, 32, 3) RGB: EXIF-rotated, alpha on white, center-cropped square,
+    Lanczos-downsampled (antialiased). A 32x32 RGB image comes back byte for byte."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitlabError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise VitlabError(f"{path}: empty file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise VitlabError(f"{path}: {width}x{height} image exceeds the {MAX_PIXELS:,}-pixel limit")
+            # JPEGs decode at 1/2-1/8 scale (DCT scaling) while keeping 4x the output size: a 12 MP photo
+            # loads several times faster, and the Lanczos step still antialiases what is left.
+            image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
+            image.load()
+            return _to_cifar(ImageOps.exif_transpose(image))
+    except UnidentifiedImageError:
+        raise VitlabError(f"{path}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as error:
+        raise VitlabError(f"{path}: refused as a possible decompression bomb ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt, as each plugin reports it
+        raise VitlabError(f"{path}: unreadable image ({error})") from None
+
+
+def _to_cifar(image: Image.Image) -> np.ndarray:
+    if image.mode.startswith("I"):
+        # 16-bit grayscale: Pillow's convert() clips to 0-255 instead of scaling, turning the image white.
+        scaled = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(scaled)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    # Crop to a square first: squashing a wide photo distorts the object into shapes CIFAR never shows.
+    # At 32x32 already, Pillow's resize is a plain copy, so CIFAR-sized files pass through unchanged.
+    image = ImageOps.fit(image.convert("RGB"), (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def select_providers(choice: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers for ``choice``, best first; "auto" is CUDA if usable, else the CPU."""
+    if choice not in ("auto", *_PROVIDERS):
+        raise VitlabError(f"unknown provider {choice!r} (choose auto, {', '.join(_PROVIDERS)})")
+    usable = _usable_providers()
+    if choice == "auto":
+        return _PROVIDERS["cuda"] if "CUDAExecutionProvider" in usable else _PROVIDERS["cpu"]
+    if _PROVIDERS[choice][0] not in usable:
+        raise VitlabError(
+            f"provider {choice!r} is not usable here: ONNX Runtime finds no device for "
+            f"{_PROVIDERS[choice][0]} (installed: {', '.join(ort.get_available_providers())})"
+        )
+    return _PROVIDERS[choice]
+
+
+def _usable_providers() -> set[str]:
+    """Providers that have hardware to run on.
+
+    onnxruntime-gpu lists CUDA and TensorRT in get_available_providers() even with no GPU or CUDA libraries,
+    and a session asked for them then logs errors and quietly runs on the CPU. get_ep_devices() (ORT >= 1.22)
+    pairs a provider with a device only when it found one, without trying to create anything.
+    """
+    available = set(ort.get_available_providers())
+    if not hasattr(ort, "get_ep_devices"):
+        return available
+    return available & ({device.ep_name for device in ort.get_ep_devices()} | {"CPUExecutionProvider"})
+
+
+class Classifier:
+    """A vitlab ONNX model ready to classify uint8 images; ``predict`` may be called from many threads."""
+
+    def __init__(self, model_path: str | Path, provider: str = "auto", threads: int | None = None):
+        path = Path(model_path)
+        if not path.is_file():
+            raise VitlabError(f"{path}: no such model file")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT's warnings about graph details are not the user's
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        providers = select_providers(provider)
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # ORT's errors (InvalidProtobuf, Fail, ...) derive from Exception directly
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise VitlabError(f"{path}: not a loadable ONNX model ({first_line})") from None
+        self.providers: list[str] = self._session.get_providers()
+        # An explicit accelerator must run; "auto" accepts ORT's own fallback to the CPU.
+        if provider != "auto" and providers[0] not in self.providers:
+            raise VitlabError(
+                f"{path}: ONNX Runtime could not start {providers[0]} (running: {self.providers})"
+            )
+
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape)[1:] != [3, 32, 32]:
+            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise VitlabError(f"{path}: expects input {found}, not a vitlab model (float N x 3 x 32 x 32)")
+        self._input_name = inputs[0].name
+        meta = self._session.get_modelmeta().custom_metadata_map
+        try:
+            self._class_names = [str(name) for name in json.loads(meta["class_names"])]
+            self._mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(1, 1, 1, 3)
+            self._std = np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(1, 1, 1, 3)
+        except (KeyError, ValueError, TypeError) as error:
+            raise VitlabError(
+                f"{path}: no valid vitlab metadata ({error!r}); export it with vitlab"
+            ) from None
+        classes = self._session.get_outputs()[0].shape[-1]
+        if isinstance(classes, int) and classes != len(self._class_names):
+            raise VitlabError(
+                f"{path}: outputs {classes} logits but its metadata names {len(self._class_names)}"
+            )
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """uint8 (N, 32, 32, 3) RGB -> float64 class probabilities (N, classes)."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise VitlabError(
+                f"predict expects uint8 images (N, 32, 32, 3), got {images.dtype} {images.shape}"
+            )
+        if batch_size < 1:
+            raise VitlabError(f"batch_size must be at least 1, got {batch_size}")
+        probabilities = np.empty((len(images), len(self._class_names)), dtype=np.float64)
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            # The same float32 arithmetic as Normalization.to_tensor, so ORT sees what PyTorch saw.
+            x = (batch.astype(np.float32) / np.float32(255.0) - self._mean) / self._std
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+            logits = self._session.run(None, {self._input_name: x})[0].astype(np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            exp = np.exp(logits)
+            probabilities[start : start + len(batch)] = exp / exp.sum(axis=1, keepdims=True)
+        return probabilities
+
+
+@dataclasses.dataclass
+class Prediction:
+    path: str
+    labels: list[str]  # best first
+    probabilities: list[float]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def classify_files(
+    classifier: Classifier, paths: Iterable[str | Path], top_k: int = 5, batch_size: int = 256
+) -> list[Prediction]:
+    """Top-k labels per file, in the order given; a file that cannot be read gets ``error`` (why) instead."""
+    if top_k < 1:
+        raise VitlabError(f"top_k must be at least 1, got {top_k}")
+    names = classifier.class_names
+    k = min(top_k, len(names))
+    paths = [Path(p) for p in paths]
+    results: list[Prediction] = []
+    # Chunks of batch_size bound the memory: a million files never sit decoded at once.
+    for start in range(0, len(paths), batch_size):
+        chunk: list[Prediction] = []
+        images: list[np.ndarray] = []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(load_image(path))
+                chunk.append(Prediction(str(path), [], []))
+            except VitlabError as error:
+                # The reason alone: the Prediction already names the file.
+                chunk.append(Prediction(str(path), [], [], error=str(error).removeprefix(f"{path}: ")))
+        if images:
+            probabilities = iter(classifier.predict(np.stack(images), batch_size=batch_size))
+            for prediction in (p for p in chunk if p.error is None):
+                row = next(probabilities)
+                best = np.argsort(-row, kind="stable")[:k]
+                prediction.labels = [names[i] for i in best]
+                prediction.probabilities = [float(row[i]) for i in best]
+        results += chunk
+    return results
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Image files from files, folders (recursively, image extensions, no hidden files) and glob patterns;
+    sorted and deduplicated. A folder or pattern with no image, or a missing path, is a VitlabError."""
+    found: dict[Path, Path] = {}
+    for item in inputs:
+        # Existing paths first, so a file literally named "photo[1].png" is not read as a pattern.
+        if Path(item).is_dir():
+            files = _images_under(Path(item))
+            if not files:
+                raise VitlabError(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        elif Path(item).is_file():
+            files = [Path(item)]  # named explicitly: classified whatever its extension
+        elif any(c in item for c in "*?["):
+            # A pattern searches like a folder does: "photos/*" should not fail on photos/README.md.
+            matches = [Path(m) for m in glob.glob(item, recursive=True)]
+            files = [f for m in matches for f in (_images_under(m) if m.is_dir() else [m]) if _is_image(f)]
+            if not files:
+                raise VitlabError(f"{item}: pattern matches no image files")
+        else:
+            raise VitlabError(f"{item}: no such file or folder")
+        for file in files:
+            found.setdefault(file.resolve(), file)
+    return sorted(found.values(), key=str)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    # Hidden files are skipped: macOS litters folders with "._photo.jpg" resource forks that are not images.
+    return [
+        p
+        for p in folder.rglob("*")
+        if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()

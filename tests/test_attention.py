@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serving_fixtures import NORM, cifar_images, class_names, random_model
+
+from vitlab.attention import CELL_INCHES, DPI, attention_rollout, cls_attention, render_attention
+from vitlab.errors import VitlabError
+
+
+def _random_attention(depth=3, batch=2, heads=4, tokens=17, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(depth, batch, heads, tokens, tokens, generator=generator).mul(3).softmax(-1)
+
+
+def test_rollout_is_the_cls_row_of_a_row_stochastic_product():
+    weights = _random_attention()
+    rollout = attention_rollout(weights)
+    assert rollout.shape == (2, 16)
+    assert (rollout > 0).all()
+    # Row-stochastic layers keep the product row-stochastic: patches plus what stays on [CLS] sum to 1.
+    assert (rollout.sum(-1) < 1).all() and (rollout.sum(-1) > 0.5).all()
+
+
+def test_rollout_of_one_layer_averages_heads_and_adds_the_residual():
+    weights = _random_attention(depth=1)
+    expected = 0.5 * weights[0].mean(1)[:, 0, 1:]  # (A + I) / 2; I has no [CLS]-to-patch entries
+    torch.testing.assert_close(attention_rollout(weights), expected)
+
+
+def test_rollout_multiplies_later_layers_onto_earlier_ones():
+    tokens = 4
+    first, second = torch.eye(tokens), torch.eye(tokens)
+    first[1] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # layer 0: patch 1 reads patch 2
+    second[0] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # layer 1: [CLS] reads patch 1
+    weights = torch.stack([first, second]).view(2, 1, 1, tokens, tokens)
+    # [CLS] gets half from patch 1's layer-0 state, which is half patch 1 and half patch 2.
+    torch.testing.assert_close(attention_rollout(weights), torch.tensor([[0.25, 0.25, 0.0]]))
+
+
+def test_rollout_of_uniform_attention_is_uniform_and_of_identity_attention_empty():
+    depth, tokens = 3, 5
+    uniform = torch.full((depth, 2, 4, tokens, tokens), 1 / tokens)
+    # ((J/T + I) / 2)^L = (I + (2^L - 1) J/T) / 2^L, so every patch gets (1 - 2^-L) / T.
+    expected = torch.full((2, tokens - 1), (1 - 0.5**depth) / tokens)
+    torch.testing.assert_close(attention_rollout(uniform), expected)
+    identity = torch.eye(tokens).expand(depth, 2, 4, tokens, tokens)
+    assert (attention_rollout(identity) == 0).all()  # [CLS] only ever attended to itself
+
+
+def test_cls_attention_picks_the_cls_row_over_patches():
+    weights = _random_attention()
+    maps = cls_attention(weights)
+    assert maps.shape == (3, 2, 4, 16)
+    torch.testing.assert_close(maps[2, 1, 3], weights[2, 1, 3, 0, 1:])
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    model = random_model("vit").train()
+    images, labels = cifar_images(3)
+    out_dir = tmp_path_factory.mktemp("attention")
+    summary = render_attention(model, images, labels, class_names(), NORM, out_dir)
+    assert model.training  # handed back in the mode it came in
+    return model, out_dir, summary
+
+
+def test_render_writes_one_png_per_layer_and_a_rollout(rendered):
+    _, out_dir, summary = rendered
+    assert summary["files"] == ["layer_0.png", "layer_1.png", "rollout.png"]
+    assert sorted(p.name for p in out_dir.iterdir()) == summary["files"]  # no temp files left
+    cell = round(CELL_INCHES * DPI)
+    for name, columns in (("layer_0.png", 3), ("layer_1.png", 3), ("rollout.png", 2)):
+        with Image.open(out_dir / name) as image:
+            assert image.format == "PNG"
+            assert image.size == (columns * cell, 3 * cell)  # image + 2 heads (or rollout), 3 rows
+            pixels = np.asarray(image.convert("RGB"))
+        assert pixels.std() > 20  # pictures, not a blank canvas
+
+
+def test_render_summary_describes_the_maps(rendered):
+    model, _, summary = rendered
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["supported"] is True and summary["arch"] == "vit"
+    assert (summary["layers"], summary["heads"], summary["images"]) == (2, 2, 3)
+    assert summary["patch_grid"] == [8, 8]
+    images, labels = cifar_images(3)
+    with torch.no_grad():
+        predicted = model.eval()(NORM.to_tensor(torch.as_tensor(images))).argmax(1).numpy()
+    assert summary["correct"] == int((predicted == labels).sum())
+    assert 0 < summary["rollout_patch_entropy"] < 1
+    assert len(summary["cls_patch_entropy_by_layer"]) == 2
+    assert all(0 < e < 1 for e in summary["cls_patch_entropy_by_layer"])
+
+
+@pytest.mark.parametrize("arch", ["cnn", "mlp"])
+def test_models_without_attention_render_nothing(arch, tmp_path):
+    images, labels = cifar_images(2)
+    summary = render_attention(random_model(arch), images, labels, class_names(), NORM, tmp_path / "out")
+    assert summary == {"supported": False, "reason": f"{arch} has no attention"}
+    assert not (tmp_path / "out").exists()
+
+
+def test_rendering_no_images_is_an_error(tmp_path):
+    with pytest.raises(VitlabError, match="no images"):
+        render_attention(
+            random_model("vit"), np.zeros((0, 32, 32, 3), np.uint8), [], class_names(), NORM, tmp_path
+        )

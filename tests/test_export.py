@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from serving_fixtures import MODELS, NORM, cifar_images, class_names, random_model
+
+from vitlab.errors import VitlabError
+from vitlab.export import ensure_parity, export_onnx, verify_onnx
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    arch = request.param
+    model = random_model(arch)
+    model.train()  # export must run it in eval mode and hand it back as it was
+    path = tmp_path_factory.mktemp(arch) / "model.onnx"
+    export_onnx(
+        model, path, class_names(), NORM, metadata={"dataset": "cifar10-sample", "test_accuracy": "0.5"}
+    )
+    assert model.training
+    return arch, model.eval(), path
+
+
+def _torch_logits(model, images):
+    with torch.no_grad():
+        return model(NORM.to_tensor(torch.as_tensor(images))).numpy()
+
+
+def test_export_is_one_checked_file_with_a_dynamic_batch_axis(exported):
+    _, model, path = exported
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no external data, no temp file left
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    (graph_input,) = proto.graph.input
+    (graph_output,) = proto.graph.output
+    assert (graph_input.name, graph_output.name) == ("images", "logits")
+    dims = graph_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images, _ = cifar_images(7)
+    for n in (1, 7):
+        x = NORM.to_tensor(torch.as_tensor(images[:n])).numpy()
+        (logits,) = session.run(None, {"images": x})
+        assert logits.shape == (n, 10)
+        np.testing.assert_allclose(logits, _torch_logits(model, images[:n]), atol=1e-4)
+
+
+def test_metadata_round_trips(exported):
+    arch, _, path = exported
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    props = meta.custom_metadata_map
+    assert json.loads(props["class_names"]) == class_names()
+    assert tuple(json.loads(props["mean"])) == NORM.mean
+    assert tuple(json.loads(props["std"])) == NORM.std
+    assert props["arch"] == arch
+    assert json.loads(props["config"])["num_classes"] == 10
+    assert "(pixels/255 - mean)/std" in props["input_layout"]
+    assert props["dataset"] == "cifar10-sample" and props["test_accuracy"] == "0.5"
+
+
+def test_onnx_runtime_matches_pytorch_on_real_images(exported):
+    _, model, path = exported
+    images, _ = cifar_images(300)
+    result = verify_onnx(path, model, images, NORM, batch_size=128)  # 128 + 128 + a partial 44
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["top1_agreement"] == 1.0
+    assert result["num_images"] == 300
+    assert result["opset"] == 18
+    assert result["onnx_bytes"] == path.stat().st_size
+    ensure_parity(result, max_abs_diff=1e-4, min_top1_agreement=1.0)
+
+
+def test_verify_catches_a_model_that_computes_something_else(exported):
+    _, _, path = exported
+    other = random_model("mlp", seed=1)
+    images, _ = cifar_images(100)
+    result = verify_onnx(path, other, images, NORM)
+    assert result["max_abs_diff"] > 0.1
+    assert result["top1_agreement"] < 0.5
+    with pytest.raises(VitlabError, match=r"max \|logit diff\|"):
+        ensure_parity(result, max_abs_diff=1e-4, min_top1_agreement=1.0)
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (
+            {"max_abs_diff": 2e-4, "top1_agreement": 1.0},
+            r"max \|logit diff\| 0.0002 exceeds export.max_abs_diff",
+        ),
+        ({"max_abs_diff": float("nan"), "top1_agreement": 1.0}, r"max \|logit diff\| nan"),
+        ({"max_abs_diff": 0.0, "top1_agreement": 0.999}, r"top-1 agreement 0.9990 is below"),
+    ],
+)
+def test_ensure_parity_names_the_figure_that_is_off(result, message):
+    with pytest.raises(VitlabError, match=message):
+        ensure_parity({**result, "num_images": 1000}, max_abs_diff=1e-4, min_top1_agreement=1.0)
+
+
+def test_ensure_parity_accepts_figures_at_the_limits():
+    ensure_parity({"max_abs_diff": 1e-4, "top1_agreement": 0.99, "num_images": 100}, 1e-4, 0.99)
+
+
+def test_a_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous good model")
+
+    def reject(*args, **kwargs):
+        raise onnx.checker.ValidationError("Node (x) has input size 0 not in range")
+
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    with pytest.raises(VitlabError, match="mlp fails the ONNX checker: Node"):
+        export_onnx(random_model("mlp"), path, class_names(), NORM)
+    assert path.read_bytes() == b"previous good model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_metadata_may_not_overwrite_what_serving_reads(tmp_path):
+    with pytest.raises(ValueError, match="class_names"):
+        export_onnx(
+            random_model("mlp"), tmp_path / "m.onnx", class_names(), NORM, metadata={"class_names": "[]"}
+        )
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_verify_refuses_an_empty_image_set(exported):
+    _, model, path = exported
+    with pytest.raises(VitlabError, match="no images"):
+        verify_onnx(path, model, np.zeros((0, 32, 32, 3), np.uint8), NORM)

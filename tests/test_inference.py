@@ -1,0 +1,320 @@
+import json
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serving_fixtures import NORM, cifar_images, class_names, export_plain_onnx, random_model, save_pngs
+
+from vitlab import inference
+from vitlab.errors import VitlabError
+from vitlab.export import export_onnx
+from vitlab.inference import Classifier, classify_files, expand_inputs, load_image, select_providers
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    model = random_model("vit")
+    path = export_onnx(model, tmp_path_factory.mktemp("vit") / "model.onnx", class_names(), NORM)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def classifier(vit):
+    return Classifier(vit[1], provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+    images, _ = cifar_images(40)
+    return images, save_pngs(images, tmp_path_factory.mktemp("pngs"))
+
+
+def test_classifier_agrees_with_pytorch_on_real_png_files(vit, classifier, pngs):
+    model, _ = vit
+    images, paths = pngs
+    with torch.no_grad():
+        logits = model(NORM.to_tensor(torch.as_tensor(images)))
+    expected = logits.double().softmax(1).numpy()
+    assert len(set(expected.argmax(1))) > 3  # the comparison below spans several classes
+
+    results = classify_files(classifier, paths, top_k=3, batch_size=16)  # chunks of 16, 16, 8
+    assert [r.path for r in results] == [str(p) for p in paths]
+    names = class_names()
+    for result, probs in zip(results, expected, strict=True):
+        assert result.error is None
+        assert result.labels[0] == names[probs.argmax()]
+        assert len(result.labels) == 3 and result.probabilities == sorted(result.probabilities, reverse=True)
+        np.testing.assert_allclose(result.probabilities, np.sort(probs)[::-1][:3], atol=1e-5)
+
+    probabilities = classifier.predict(images, batch_size=7)
+    assert probabilities.dtype == np.float64 and probabilities.shape == (40, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert json.dumps([r.to_dict() for r in results])  # what `vitlab predict --json` prints
+
+
+def test_predict_checks_its_input_and_handles_an_empty_batch(classifier):
+    assert classifier.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 10)
+    with pytest.raises(VitlabError, match=r"uint8 images \(N, 32, 32, 3\), got float32"):
+        classifier.predict(np.zeros((2, 32, 32, 3), np.float32))
+    with pytest.raises(VitlabError, match=r"got uint8 \(2, 3, 32, 32\)"):
+        classifier.predict(np.zeros((2, 3, 32, 32), np.uint8))
+
+
+def test_predict_is_thread_safe(classifier):
+    images, _ = cifar_images(200)
+    expected = classifier.predict(images, batch_size=64)
+    results: list[np.ndarray] = [None] * 4
+    errors = []
+
+    def work(slot):
+        try:
+            results[slot] = np.stack([classifier.predict(images, batch_size=64) for _ in range(3)])
+        except Exception as error:  # surfaced below: an exception in a thread would pass silently
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for result in results:
+        assert np.array_equal(result, np.broadcast_to(expected, result.shape))
+
+
+@pytest.mark.parametrize(("suffix", "options"), [(".png", {}), (".bmp", {}), (".webp", {"lossless": True})])
+def test_a_32x32_rgb_image_passes_through_byte_for_byte(tmp_path, suffix, options):
+    images, _ = cifar_images(1)
+    path = tmp_path / f"img{suffix}"
+    Image.fromarray(images[0]).save(path, **options)
+    loaded = load_image(path)
+    assert loaded.dtype == np.uint8 and loaded.shape == (32, 32, 3)
+    assert np.array_equal(loaded, images[0])
+
+
+def test_load_image_converts_any_mode_to_rgb(tmp_path):
+    images, _ = cifar_images(1)
+    gray = np.asarray(Image.fromarray(images[0]).convert("L"))
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    assert np.array_equal(load_image(tmp_path / "gray.png"), np.repeat(gray[..., None], 3, axis=2))
+
+    palette = Image.fromarray(images[0]).quantize(16)
+    palette.save(tmp_path / "palette.png")
+    assert np.array_equal(load_image(tmp_path / "palette.png"), np.asarray(palette.convert("RGB")))
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (200, 10, 10, 255)  # left opaque red, right fully transparent black
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    loaded = load_image(tmp_path / "rgba.png")
+    assert (loaded[:, :16] == (200, 10, 10)).all() and (loaded[:, 16:] == 255).all()  # transparent -> white
+
+    Image.fromarray(rgba[..., [0, 3]]).save(
+        tmp_path / "la.png"
+    )  # LA: gray 200 on the left, transparent right
+    loaded = load_image(tmp_path / "la.png")
+    assert (loaded[:, :16] == 200).all() and (loaded[:, 16:] == 255).all()
+
+    sixteen = np.full((32, 32), 32768, np.uint16)
+    sixteen[:, 16:] = 65535
+    Image.fromarray(sixteen).save(tmp_path / "sixteen.png")  # 16-bit grayscale: scaled, not clipped to white
+    loaded = load_image(tmp_path / "sixteen.png")
+    assert (loaded[:, :16] == 128).all() and (loaded[:, 16:] == 255).all()
+
+    Image.fromarray(images[0]).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    loaded = load_image(tmp_path / "cmyk.jpg")
+    assert loaded.shape == (32, 32, 3) and np.abs(loaded.astype(int) - images[0]).mean() < 12
+
+
+def test_load_image_downsamples_large_images_with_antialiasing_and_a_center_crop(tmp_path):
+    wide = np.zeros((1500, 2000, 3), np.uint8)
+    wide[:, :1000] = (255, 0, 0)
+    wide[:, 1000:] = (0, 0, 255)
+    wide[::2, ::2] = 0  # fine texture: antialiasing averages it, point sampling would alias
+    wide[:, :250] = (0, 255, 0)  # the outer columns fall outside the center square
+    Image.fromarray(wide).save(tmp_path / "wide.jpg", quality=95)
+    loaded = load_image(tmp_path / "wide.jpg")
+    assert loaded.shape == (32, 32, 3)
+    assert loaded[:, :, 1].max() < 40  # no green: cropped to the central 1500x1500, not squashed
+    left, right = loaded[8:24, 2:12].mean((0, 1)), loaded[8:24, 20:30].mean((0, 1))
+    assert 160 < left[0] < 220 and left[2] < 40  # 3/4 of red's 255 survives the averaging
+    assert 160 < right[2] < 220 and right[0] < 40
+
+
+def test_load_image_applies_the_exif_orientation(tmp_path):
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:16] = (255, 0, 0)  # top half red as stored; the tag says to show it turned 90° clockwise
+    stored[16:] = (0, 0, 255)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.png", exif=exif)
+    loaded = load_image(tmp_path / "rotated.png")
+    assert tuple(loaded[16, 27]) == (255, 0, 0) and tuple(loaded[16, 4]) == (0, 0, 255)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty file"),
+        (b"label,confidence\ncat,0.9\n", "not an image"),
+        ("truncated", "unreadable image"),
+    ],
+)
+def test_load_image_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    if content == "truncated":
+        Image.fromarray(cifar_images(1)[0][0]).save(tmp_path / "good.png")
+        content = (tmp_path / "good.png").read_bytes()[:400]
+    path.write_bytes(content)
+    with pytest.raises(VitlabError, match=f"^{re.escape(str(path))}: {message}"):
+        load_image(path)
+
+
+def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(inference, "MAX_PIXELS", 5000)
+    with pytest.raises(VitlabError, match=r"100x100 image exceeds the 5,000-pixel limit"):
+        load_image(path)
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own check, should a user lower it
+    with pytest.raises(VitlabError, match="decompression bomb"):
+        load_image(path)
+
+
+def test_bad_files_become_error_predictions_and_the_rest_still_runs(classifier, pngs, tmp_path):
+    _, paths = pngs
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(paths[0].read_bytes()[:300])
+    missing = tmp_path / "gone.png"
+    inputs = [paths[0], empty, text, paths[1], truncated, missing, paths[2]]
+
+    results = classify_files(classifier, inputs, top_k=20, batch_size=2)
+    assert [r.path for r in results] == [str(p) for p in inputs]
+    failed = {r.path: r.error for r in results if r.error}
+    assert set(failed) == {str(empty), str(text), str(truncated), str(missing)}
+    assert failed[str(empty)] == "empty file" and failed[str(missing)] == "no such file"
+    assert failed[str(text)] == "not an image Pillow can read"
+    assert failed[str(truncated)].startswith("unreadable image")
+    for result in (results[0], results[3], results[6]):
+        assert len(result.labels) == 10  # top_k beyond the class count gives every class
+        assert result.probabilities[0] >= result.probabilities[-1]
+
+
+def test_a_model_with_another_input_is_refused(tmp_path):
+    mnist = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)
+    )
+    path = export_plain_onnx(mnist, (2, 1, 28, 28), tmp_path / "mnist.onnx")
+    with pytest.raises(
+        VitlabError, match=r"mnist\.onnx: expects input .*\[.*1, 28, 28\], not a vitlab model"
+    ):
+        Classifier(path, provider="cpu")
+
+
+def test_a_model_without_vitlab_metadata_is_refused(tmp_path):
+    path = export_plain_onnx(random_model("mlp"), (2, 3, 32, 32), tmp_path / "bare.onnx")
+    with pytest.raises(VitlabError, match=r"bare\.onnx: no valid vitlab metadata .*class_names"):
+        Classifier(path, provider="cpu")
+
+
+def test_a_missing_or_corrupt_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(VitlabError, match=r"nowhere\.onnx: no such model file"):
+        Classifier(tmp_path / "nowhere.onnx")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(VitlabError, match=r"corrupt\.onnx: not a loadable ONNX model"):
+        Classifier(tmp_path / "corrupt.onnx")
+
+
+def test_serving_never_imports_torch(vit, pngs):
+    _, model_path = vit
+    _, paths = pngs
+    script = (
+        "import sys\n"
+        "from vitlab.inference import Classifier, classify_files, expand_inputs\n"
+        f"classifier = Classifier({str(model_path)!r})\n"
+        f"results = classify_files(classifier, expand_inputs([{str(paths[0].parent)!r}]))\n"
+        "assert all(r.error is None for r in results) and len(results) == 40, results\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'vitlab.checkpoint', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert "CUDA" not in done.stderr  # "auto" probed quietly (no provider-load error spam)
+
+
+def test_select_providers(monkeypatch):
+    assert select_providers("cpu") == ["CPUExecutionProvider"]
+    assert select_providers("auto")[-1] == "CPUExecutionProvider"
+    with pytest.raises(VitlabError, match="unknown provider 'tpu'"):
+        select_providers("tpu")
+
+    monkeypatch.setattr(inference, "_usable_providers", lambda: {"CPUExecutionProvider"})
+    assert select_providers("auto") == ["CPUExecutionProvider"]
+    for choice in ("cuda", "tensorrt"):
+        with pytest.raises(VitlabError, match=f"provider '{choice}' is not usable here"):
+            select_providers(choice)
+
+    monkeypatch.setattr(
+        inference, "_usable_providers", lambda: {"CUDAExecutionProvider", "CPUExecutionProvider"}
+    )
+    assert select_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_usable_providers_exclude_listed_providers_without_a_device(monkeypatch):
+    class Device:
+        def __init__(self, ep_name):
+            self.ep_name = ep_name
+
+    installed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(inference.ort, "get_available_providers", lambda: installed)
+    monkeypatch.setattr(inference.ort, "get_ep_devices", lambda: [Device("CPUExecutionProvider")])
+    assert inference._usable_providers() == {"CPUExecutionProvider"}
+    monkeypatch.setattr(
+        inference.ort,
+        "get_ep_devices",
+        lambda: [Device("CPUExecutionProvider"), Device("CUDAExecutionProvider")],
+    )
+    assert inference._usable_providers() == {"CUDAExecutionProvider", "CPUExecutionProvider"}
+
+
+def test_expand_inputs_finds_images_in_files_folders_and_patterns(tmp_path, monkeypatch):
+    for name in (
+        "a/1.png",
+        "a/b/2.JPG",
+        "a/b/c/3.webp",
+        "a/.hidden/4.png",
+        "a/._5.png",
+        "a/notes.txt",
+        "z.bmp",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    found = expand_inputs(["z.bmp", "a", "a/b/*.JPG", "./a/1.png", "a/notes.txt", "**/3.webp"])
+    assert found == [Path(p) for p in ("a/1.png", "a/b/2.JPG", "a/b/c/3.webp", "a/notes.txt", "z.bmp")]
+
+    # A pattern searches: the folders it matches are expanded and non-images it matches are left out.
+    assert expand_inputs(["a/*"]) == [Path(p) for p in ("a/1.png", "a/b/2.JPG", "a/b/c/3.webp")]
+    (tmp_path / "photo[1].png").write_bytes(b"x")  # an existing path is never read as a pattern
+    assert expand_inputs(["photo[1].png"]) == [Path("photo[1].png")]
+
+    with pytest.raises(VitlabError, match=r"^a/\*.gif: pattern matches no image files"):
+        expand_inputs(["a/1.png", "a/*.gif"])
+    with pytest.raises(VitlabError, match=r"^photos: no such file or folder"):
+        expand_inputs(["photos"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VitlabError, match=r"^empty: folder holds no images"):
+        expand_inputs(["empty"])
