@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     os.chdir(REPO)  # dvc runs stages from the repo root; this makes a manual run from elsewhere agree
-    from vitlab.cli import main
+    try:
+        from vitlab.cli import main
+    except ModuleNotFoundError as error:
+        sys.exit(
+            f"error: {error.name} is not installed for {sys.executable}; run `make setup` and "
+            "`source .venv/bin/activate` (or use `make repro`)"
+        )
 
     sys.exit(main(["stage", *sys.argv[1:]]))

@@ -130,36 +130,19 @@ def test_predict_cli_agrees_with_pytorch_on_real_test_images(clone, tmp_path):
     assert all(len(p["labels"]) == 2 and p["probabilities"][0] >= p["probabilities"][1] for p in predictions)
 
 
-def _experiments(root: Path, env: dict[str, str]) -> list[dict]:
-    return json.loads(_run(["dvc", "exp", "show", "--json"], root, env).stdout)
+def _exp_run(root: Path, env: dict[str, str], name: str, overrides: dict[str, object]) -> dict[str, str]:
+    """`dvc exp run -n NAME -S key=value ...`, then that experiment's row of `dvc exp show --csv`."""
+    settings = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+    _run(["dvc", "exp", "run", "-n", name, *settings], root, env)
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
+    return next(row for row in csv.DictReader(shown.splitlines()) if row["Experiment"] == name)
 
 
 def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(clone):
     root, env = clone
-    _run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "-n",
-            "patch2",
-            "-S",
-            "model.patch_size=2",
-            "-S",
-            "train.epochs=2",
-            "-S",
-            "train.warmup_epochs=1",
-        ],
-        root,
-        env,
-    )
-    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
-    assert "patch2" in shown
-    row = next(line for line in shown.splitlines() if line.startswith("patch2"))
-    header = shown.splitlines()[0].split(",")
-    values = dict(zip(header, row.split(","), strict=False))
-    assert values["model.patch_size"] == "2"
-    assert 0.0 < float(values["test_accuracy"]) <= 1.0
+    row = _exp_run(root, env, "patch2", {"model.patch_size": 2, "train.epochs": 2, "train.warmup_epochs": 1})
+    assert row["model.patch_size"] == "2"
+    assert 0.0 < float(row["test_accuracy"]) <= 1.0
 
 
 @pytest.mark.skipif(
@@ -169,38 +152,17 @@ def test_cifar100_subset_through_the_mirror_parameters(clone):
     root, env = clone
     # 1,117 training images over 100 classes hold 5-22 per class: a random subset is not balanced, so the
     # balance tolerance is widened for it; every other expectation holds as for the full data set.
-    _run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "-n",
-            "c100",
-            "-S",
-            "data.dataset=cifar100",
-            "-S",
-            f"data.source={CIFAR100_SUBSET}",
-            "-S",
-            f"data.md5={CIFAR100_SUBSET_MD5}",
-            "-S",
-            "data.expected_train=1117",
-            "-S",
-            "data.expected_test=916",
-            "-S",
-            "validate.class_balance_tolerance=1.0",
-            "-S",
-            "train.epochs=2",
-            "-S",
-            "train.warmup_epochs=1",
-        ],
-        root,
-        env,
-    )
-    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], root, env).stdout
-    header = shown.splitlines()[0].split(",")
-    row = dict(
-        zip(header, next(r for r in shown.splitlines() if r.startswith("c100")).split(","), strict=False)
-    )
+    overrides = {
+        "data.dataset": "cifar100",
+        "data.source": CIFAR100_SUBSET,
+        "data.md5": CIFAR100_SUBSET_MD5,
+        "data.expected_train": 1117,
+        "data.expected_test": 916,
+        "validate.class_balance_tolerance": 1.0,
+        "train.epochs": 2,
+        "train.warmup_epochs": 1,
+    }
+    row = _exp_run(root, env, "c100", overrides)
     assert row["data.dataset"] == "cifar100"
     assert 0.0 <= float(row["test_accuracy"]) <= 1.0
     assert int(float(row["test_images"])) == 916

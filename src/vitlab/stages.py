@@ -291,7 +291,16 @@ def hardware_description(device: str) -> str:
         return torch.cuda.get_device_name(0)
     import os
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{_cpu_model()}, {cores} CPU cores"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
