@@ -1,3 +1,7 @@
+import resource
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +76,19 @@ def test_normalization_from_images_and_to_tensor():
     x = Normalization((0.5,) * 3, (0.5,) * 3).to_tensor(torch.as_tensor(images))
     assert x.shape == (2, 3, 4, 4)
     assert x[:, 0].eq(1.0).all() and x[:, 1].eq(-1.0).all()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    # torch.save itself reports a failed write as a RuntimeError without the reason; a 64 KiB file-size
+    # limit makes the write fail for real (EFBIG, as a full disk gives ENOSPC).
+    save = "import sys, torch, vitlab.checkpoint as c; c.save_torch(sys.argv[1], torch.ones(50000))"
+    target = tmp_path / "model.pt"
+    limit = (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+    done = subprocess.run(
+        [sys.executable, "-c", save, str(target)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit),
+    )
+    assert done.stderr.strip().endswith(f"VitlabError: cannot write {target}: File too large")
+    assert list(tmp_path.iterdir()) == []

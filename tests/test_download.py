@@ -1,7 +1,11 @@
 import hashlib
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,11 +19,12 @@ PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
 
 
 class _FileServer(ThreadingHTTPServer):
-    """Serves PAYLOAD at /file.tar.gz; logs each request's headers; can ignore Range or drop connections."""
+    """Serves PAYLOAD at /file.tar.gz; logs each request's headers; can ignore Range, drop connections, or
+    send slowly (``throttle`` seconds after each 16 KiB)."""
 
-    def __init__(self, ranges: bool, drops: int, drop_after: int) -> None:
+    def __init__(self, ranges: bool, drops: int, drop_after: int, throttle: float) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.ranges, self.drops, self.drop_after = ranges, drops, drop_after
+        self.ranges, self.drops, self.drop_after, self.throttle = ranges, drops, drop_after, throttle
         self.requests: list[dict[str, str]] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}/file.tar.gz"
 
@@ -54,7 +59,13 @@ class _Handler(BaseHTTPRequestHandler):
             server.drops -= 1
             body = body[: server.drop_after]
             self.close_connection = True  # after a short body: the client sees the connection drop
-        self.wfile.write(body)
+        piece = 16384 if server.throttle else max(len(body), 1)
+        try:
+            for start in range(0, len(body), piece):
+                self.wfile.write(body[start : start + piece])
+                time.sleep(server.throttle)
+        except (BrokenPipeError, ConnectionResetError):  # the client was killed
+            pass
 
     def log_message(self, *args: object) -> None:
         pass
@@ -64,8 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
 def serve():
     servers = []
 
-    def start(ranges: bool = True, drops: int = 0, drop_after: int = 100_000) -> _FileServer:
-        server = _FileServer(ranges, drops, drop_after)
+    def start(
+        ranges: bool = True, drops: int = 0, drop_after: int = 100_000, throttle: float = 0.0
+    ) -> _FileServer:
+        server = _FileServer(ranges, drops, drop_after, throttle)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         servers.append(server)
         return server
@@ -209,3 +222,33 @@ def test_unreadable_sources_raise_a_one_line_error_and_write_nothing(tmp_path, s
         fetch(source, raw / "a.tar.gz", PAYLOAD_MD5, progress=False)
     assert "\n" not in str(caught.value)
     assert not raw.exists() or list(raw.iterdir()) == []
+
+
+# fetch in a process of its own, reading 16 KiB at a time so the .part grows while the server trickles.
+FETCH = """
+import sys
+from vitlab.data import download
+download._CHUNK = 16384
+download.fetch(*sys.argv[1:], progress=False)
+"""
+
+
+def test_a_download_killed_mid_file_leaves_only_its_part_and_the_next_run_resumes_it(tmp_path, serve):
+    server = serve(throttle=0.05)  # about 1 s for the whole file
+    dest, part = tmp_path / "a.tar.gz", tmp_path / "a.tar.gz.part"
+    child = subprocess.Popen([sys.executable, "-c", FETCH, server.url, str(dest), PAYLOAD_MD5])
+    deadline = time.monotonic() + 60
+    while download._size(part) < 48 * 1024:
+        assert child.poll() is None and time.monotonic() < deadline, "the download ended before the kill"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert not dest.exists()
+    kept = part.read_bytes()
+    assert 0 < len(kept) < len(PAYLOAD) and PAYLOAD.startswith(kept)
+
+    server.throttle = 0.0
+    assert fetch(server.url, dest, PAYLOAD_MD5, progress=False) == dest  # fetch verifies the md5
+    assert dest.read_bytes() == PAYLOAD
+    assert not part.exists()
+    assert _ranges(server) == [None, f"bytes={len(kept)}-"]

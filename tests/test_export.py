@@ -9,6 +9,7 @@ from serving_fixtures import MODELS, NORM, cifar_images, class_names, random_mod
 
 from vitlab.errors import VitlabError
 from vitlab.export import ensure_parity, export_onnx, verify_onnx
+from vitlab.inference import Classifier
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -131,3 +132,29 @@ def test_verify_refuses_an_empty_image_set(exported):
     _, model, path = exported
     with pytest.raises(VitlabError, match="no images"):
         verify_onnx(path, model, np.zeros((0, 32, 32, 3), np.uint8), NORM)
+
+
+def test_attention_variant_outputs_what_forward_with_attention_computes(tmp_path):
+    model = random_model("vit")
+    path = export_onnx(model, tmp_path / "model.attention.onnx", class_names(), NORM, with_attention=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "attention"]
+    assert "(depth, N, heads, T, T)" in session.get_modelmeta().custom_metadata_map["attention_layout"]
+    images, _ = cifar_images(9)
+    x = NORM.to_tensor(torch.as_tensor(images))
+    with torch.no_grad():
+        logits, weights = model.forward_with_attention(x)
+    actual_logits, actual_weights = session.run(None, {"images": x.numpy()})
+    assert actual_weights.shape == (2, 9, 2, 65, 65)  # depth, N, heads, 64 patches + CLS
+    assert weights.std() > 0.01  # peaked, not uniform: a wrong layer or head would show
+    np.testing.assert_allclose(actual_weights, weights.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(actual_logits, logits.numpy(), atol=1e-4, rtol=0)
+    # Serving reads the first output, so the variant also classifies like the plain export.
+    probabilities = Classifier(path, provider="cpu").predict(images)
+    np.testing.assert_allclose(probabilities, logits.double().softmax(1).numpy(), atol=1e-5)
+
+
+def test_attention_variant_refuses_a_model_without_attention(tmp_path):
+    with pytest.raises(VitlabError, match="cnn has no attention to export"):
+        export_onnx(random_model("cnn"), tmp_path / "m.onnx", class_names(), NORM, with_attention=True)
+    assert not list(tmp_path.iterdir())

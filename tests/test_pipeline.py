@@ -75,7 +75,8 @@ def test_repro_writes_every_output(clone):
 
     evaluation = _json(root / "reports" / "eval" / "metrics.json")
     assert 0.3 < evaluation["test_accuracy"] <= 1.0  # chance is 0.1
-    assert len(evaluation["per_class_accuracy"]) == 10
+    per_class = (root / "reports" / "eval" / "per_class.tsv").read_text().splitlines()
+    assert per_class[0] == "class\taccuracy\tsupport" and len(per_class) == 11
     with open(root / "reports" / "eval" / "confusion.csv") as handle:
         assert sum(1 for _ in csv.DictReader(handle)) == 500
 
@@ -88,7 +89,7 @@ def test_repro_writes_every_output(clone):
     export = _json(root / "reports" / "export" / "metrics.json")
     assert export["max_abs_diff"] <= 1e-4 and export["top1_agreement"] == 1.0
     inference = _json(root / "reports" / "inference" / "metrics.json")
-    assert inference["test_accuracy"] == pytest.approx(evaluation["test_accuracy"], abs=1e-6)
+    assert inference["onnxruntime_test_accuracy"] == pytest.approx(evaluation["test_accuracy"], abs=1e-6)
 
     status = _run(["dvc", "status", "--json"], root, env)
     assert json.loads(status.stdout) == {}, "dvc repro left stages out of date"
@@ -143,6 +144,7 @@ def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(clone):
     row = _exp_run(root, env, "patch2", {"model.patch_size": 2, "train.epochs": 2, "train.warmup_epochs": 1})
     assert row["model.patch_size"] == "2"
     assert 0.0 < float(row["test_accuracy"]) <= 1.0
+    assert float(row["onnxruntime_test_accuracy"]) == pytest.approx(float(row["test_accuracy"]), abs=1e-6)
 
 
 @pytest.mark.skipif(

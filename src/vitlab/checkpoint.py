@@ -7,6 +7,7 @@ per-channel input normalization on the 0-1 scale: ``x = (pixels / 255 - mean) / 
 
 from __future__ import annotations
 
+import io as _io
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from torch import nn
 from vitlab import io
 from vitlab.errors import VitlabError
 from vitlab.models import build_model, model_spec
+
+# What torch.load raises for a file that is not a readable torch archive (truncated, foreign, hostile).
+UNREADABLE = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,18 @@ def save_checkpoint(
         "std": list(norm.std),
         "dataset": dataset,
     }
-    with io.atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
+
+
+def save_torch(path: str | Path, payload: Any) -> None:
+    """``torch.save`` atomically; a failed write (disk full, read-only folder) is a VitlabError naming it.
+
+    torch.save reports a failed write as a RuntimeError without the OS's reason, so the payload is
+    serialized in memory and written by ``io.write_bytes``, which reports it.
+    """
+    buffer = _io.BytesIO()
+    torch.save(payload, buffer)
+    io.write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -71,7 +85,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise VitlabError(f"{path}: no such checkpoint")
     try:
         payload: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+    except UNREADABLE as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VitlabError(f"{path}: not a readable vitlab checkpoint ({reason})") from None
     missing = {"arch", "config", "state_dict", "class_names", "mean", "std"} - set(payload)

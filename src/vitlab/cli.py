@@ -1,8 +1,8 @@
 """The ``vitlab`` command line: predict with ONNX Runtime, run pipeline stages, check params.
 
 Heavy libraries are imported inside the commands, so ``vitlab predict`` never imports torch and ``--help``
-answers at once. A VitlabError is printed as one line on stderr with exit code 2; ``--debug`` (or
-``VITLAB_DEBUG=1``) shows the traceback instead.
+answers at once. A VitlabError (or an OSError: disk full, permissions) is printed as one line on stderr with
+exit code 2; ``--debug`` (or ``VITLAB_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -102,13 +102,13 @@ def show_params(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app, turning a VitlabError into one line on stderr and exit code 2."""
+    """Entry point: runs the app, turning a VitlabError or OSError into one line on stderr and exit code 2."""
     try:
         app(args=argv, prog_name="vitlab")  # standalone: click reports usage errors and exits itself
-    except VitlabError as error:
+    except (VitlabError, OSError) as error:  # OSError: one the library did not anticipate (disk, permissions)
         if os.environ.get("VITLAB_DEBUG"):
             raise
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(f"error: {_one_line(error)}", err=True)
         return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # click ends every standalone run this way, success included
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
 
 
 if __name__ == "__main__":

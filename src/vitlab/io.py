@@ -10,27 +10,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vitlab.errors import VitlabError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
 
     The temporary file lives in the same folder so the final ``os.replace`` is an atomic rename. On any
-    error the temporary file is removed and ``target`` is left as it was.
+    error the temporary file is removed and ``target`` is left as it was. An OSError on the way (disk full,
+    read-only or missing folder) becomes a one-line VitlabError naming ``target``: every output of every
+    stage is written here, so this is the one place that reports it.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make outputs unreadable to others
         os.replace(tmp, target)
+    except OSError as error:
+        raise VitlabError(f"cannot write {target}: {error.strerror or error}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -39,7 +47,7 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
+def write_bytes(target: str | os.PathLike[str], data: bytes | memoryview) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
 

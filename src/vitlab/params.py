@@ -100,6 +100,9 @@ class TrainParams(Section):
     flip: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
+    resume: bool = Field(
+        True, description="continue an interrupted run of the same config after its last epoch"
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
@@ -122,6 +125,10 @@ class ExportParams(Section):
     opset: int = Field(18, ge=17, le=23)
     max_abs_diff: float = Field(1e-4, gt=0.0, description="largest logit difference ORT vs PyTorch allowed")
     min_top1_agreement: float = Field(1.0, gt=0.0, le=1.0)
+    quantize: Literal["dynamic", "static"] = Field(
+        "dynamic", description="int8 method: dynamic (MatMul weights) or static (QDQ, calibrated)"
+    )
+    max_int8_accuracy_drop: float = Field(1.0, ge=0.0, description="test accuracy points int8 may lose")
 
 
 class InferenceParams(Section):

@@ -30,6 +30,7 @@ class Layout:
     prepared_dir: Path = Path("data/prepared")
     validation: Path = Path("reports/validation.json")
     checkpoint: Path = Path("models/model.pt")
+    train_state: Path = Path("models/train_state.pt")  # resume point while training; deleted at the end
     train_metrics: Path = Path("reports/train/metrics.json")
     train_history: Path = Path("reports/train/history.tsv")
     train_curves: Path = Path("reports/train/curves.png")
@@ -38,6 +39,7 @@ class Layout:
     per_class: Path = Path("reports/eval/per_class.tsv")
     attention_dir: Path = Path("reports/attention")
     onnx: Path = Path("models/model.onnx")
+    onnx_int8: Path = Path("models/model.int8.onnx")
     export_metrics: Path = Path("reports/export/metrics.json")
     predictions: Path = Path("reports/inference/predictions.csv")
     inference_metrics: Path = Path("reports/inference/metrics.json")
@@ -109,6 +111,7 @@ def train(params: Params, layout: Layout) -> None:
             norm,
             TrainConfig(**params.train.model_dump()),
             on_epoch=lambda row: tracker.log(row, step=int(row["epoch"])),
+            state_path=layout.train_state,
         )
         save_checkpoint(layout.checkpoint, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
         io.write_tsv(layout.train_history, result.history)
@@ -125,6 +128,8 @@ def train(params: Params, layout: Layout) -> None:
             "hardware": hardware_description(result.device),
         }
         io.write_json(layout.train_metrics, metrics)
+        # Every output is saved: nothing left to resume, and DVC sees only the declared outputs.
+        layout.train_state.unlink(missing_ok=True)
         tracker.summary(metrics)
         tracker.log_images({"training_curves": layout.train_curves})
     finally:
@@ -154,10 +159,7 @@ def evaluate(params: Params, layout: Layout) -> None:
             "test_loss": round(result.loss, 6),
             "test_accuracy": round(result.accuracy, 6),
             "test_images": len(test),
-            "per_class_accuracy": {
-                n: round(a, 4) for n, a in zip(names, result.per_class_accuracy, strict=True)
-            },
-        },
+        },  # per-class figures go to per_class.tsv: 100 metric columns would swamp `dvc exp show`
     )
     io.write_tsv(
         layout.per_class,
@@ -201,7 +203,14 @@ def attention(params: Params, layout: Layout) -> None:
 def export(params: Params, layout: Layout) -> None:
     from vitlab.checkpoint import load_checkpoint
     from vitlab.data.prepared import load_prepared
-    from vitlab.export import ensure_parity, export_onnx, verify_onnx
+    from vitlab.export import (
+        compare_accuracy,
+        ensure_int8_accuracy,
+        ensure_parity,
+        export_onnx,
+        quantize_onnx,
+        verify_onnx,
+    )
 
     ckpt = load_checkpoint(layout.checkpoint)
     eval_metrics = json.loads(layout.eval_metrics.read_text()) if layout.eval_metrics.exists() else {}
@@ -211,13 +220,22 @@ def export(params: Params, layout: Layout) -> None:
         "test_accuracy": str(eval_metrics.get("test_accuracy", "")),
     }
     export_onnx(ckpt.model, layout.onnx, ckpt.class_names, ckpt.normalization, params.export.opset, metadata)
-    test = load_prepared(layout.prepared_dir).test
+    dataset = load_prepared(layout.prepared_dir)
+    test = dataset.test
     result = verify_onnx(layout.onnx, ckpt.model, test.images, ckpt.normalization)
-    io.write_json(layout.export_metrics, result)
+    io.write_json(layout.export_metrics, result)  # the evidence, also when the check below fails
     ensure_parity(result, params.export.max_abs_diff, params.export.min_top1_agreement)
     print(
         f"exported {layout.onnx}: max |logit diff| {result['max_abs_diff']:.2e}, "
         f"top-1 agreement {result['top1_agreement']:.4f} on {result['num_images']} test images"
+    )
+    quantize_onnx(layout.onnx, layout.onnx_int8, params.export.quantize, dataset.train.images[:512])
+    int8 = compare_accuracy(layout.onnx, layout.onnx_int8, test.images, test.labels)
+    io.write_json(layout.export_metrics, result | {"int8": int8})
+    ensure_int8_accuracy(int8, params.export.max_int8_accuracy_drop)
+    print(
+        f"quantized ({params.export.quantize}) {layout.onnx_int8}: test accuracy {int8['int8_accuracy']:.4f} "
+        f"vs fp32 {int8['fp32_accuracy']:.4f}, top-1 agreement {int8['top1_agreement']:.4f}"
     )
 
 
@@ -246,9 +264,8 @@ def inference(params: Params, layout: Layout) -> None:
     io.write_json(
         layout.inference_metrics,
         {
-            "test_accuracy": round(accuracy, 6),
-            "test_images": len(test),
-            "providers": classifier.providers,
+            "onnxruntime_test_accuracy": round(accuracy, 6),
+            "onnxruntime_provider": classifier.providers[0],
         },
     )
     print(

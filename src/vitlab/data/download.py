@@ -136,7 +136,10 @@ def _stream(src: BinaryIO, out: BinaryIO, name: str, offset: int, total: int | N
         desc=name, total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, disable=not show
     ) as bar:
         while chunk := src.read(_CHUNK):
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as error:  # disk full: not an interrupted download, so not retried
+                raise VitlabError(f"cannot write {out.name}: {error.strerror or error}") from None
             bar.update(len(chunk))
             offset += len(chunk)
     return offset
