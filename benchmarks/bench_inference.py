@@ -45,6 +45,8 @@ def session(path: Path) -> Callable[[np.ndarray], object]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = THREADS
     options.log_severity_level = 3
+    # The engines take turns; ORT's idle threads would otherwise spin on the cores the next engine needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"images": x})
 
