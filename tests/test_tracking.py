@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from vitlab import tracking
@@ -34,18 +36,43 @@ def test_disabled_tracker_is_a_no_op(monkeypatch):
     tracker.finish()
 
 
+def test_an_unreachable_wandb_falls_back_to_offline_with_one_warning(monkeypatch):
+    import wandb
+
+    modes = []
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise RuntimeError("api key not configured (no-tty)\nmore details")
+        return "offline-run"
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", init)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = tracking.Tracker({"a": 1})
+    assert modes == ["online", "offline"]
+    assert tracker.run == "offline-run"
+    assert [str(w.message) for w in caught] == [
+        "W&B: api key not configured (no-tty); logging offline instead (wandb sync uploads it later)"
+    ]
+
+
 def test_a_broken_wandb_gives_one_warning_and_training_goes_on(monkeypatch):
     import wandb
 
     def broken_init(**kwargs):
-        raise RuntimeError("api key not configured (no-tty)\nmore details")
+        raise RuntimeError("cannot write ./wandb: read-only file system")
 
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setattr(wandb, "init", broken_init)
-    with pytest.warns(
-        RuntimeWarning, match=r"W&B tracking is off for this run: api key not configured \(no-tty\)$"
-    ):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         tracker = tracking.Tracker({"a": 1})
+    assert [str(w.message) for w in caught] == [
+        "W&B: cannot write ./wandb: read-only file system; tracking is off for this run"
+    ]
     assert tracker.run is None
     tracker.log({"loss": 1.0})
 

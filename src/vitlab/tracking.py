@@ -39,18 +39,30 @@ class Tracker:
         if mode == "disabled":
             return
         try:
-            import wandb
-
-            self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "vitlab"),
-                name=os.environ.get("DVC_EXP_NAME") or None,
-                job_type=job_type,
-                config=config,
-                mode=mode,
-                settings=wandb.Settings(silent=True, init_timeout=60, console="off", x_disable_stats=True),
-            )
+            self.run = self._init(mode, config, job_type)
         except Exception as error:  # W&B must never take training down with it
-            self._warn(error)
+            if mode == "offline":
+                self._warn(error)
+                return
+            # Online but unreachable or misconfigured (bad key, no network): keep the run, locally.
+            try:
+                self.run = self._init("offline", config, job_type)
+                self._warn(error, "logging offline instead (wandb sync uploads it later)")
+            except Exception as offline_error:
+                self._warn(offline_error)
+
+    @staticmethod
+    def _init(mode: str, config: dict[str, Any], job_type: str) -> Any:
+        import wandb
+
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "vitlab"),
+            name=os.environ.get("DVC_EXP_NAME") or None,
+            job_type=job_type,
+            config=config,
+            mode=mode,
+            settings=wandb.Settings(silent=True, init_timeout=60, console="off", x_disable_stats=True),
+        )
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self._call(lambda: self.run.log(metrics, step=step))
@@ -80,6 +92,6 @@ class Tracker:
             self.run = None
 
     @staticmethod
-    def _warn(error: Exception) -> None:
+    def _warn(error: Exception, outcome: str = "tracking is off for this run") -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"W&B tracking is off for this run: {message}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"W&B: {message}; {outcome}", RuntimeWarning, stacklevel=3)
