@@ -1,11 +1,13 @@
 """CPU inference speed: ONNX Runtime fp32 and int8 against PyTorch eager, for three vitlab models.
 
-    python benchmarks/bench_inference.py            # 1-2 minutes on 2 cores
+    python benchmarks/bench_inference.py            # about 3 minutes on 2 cores
     python benchmarks/bench_inference.py --quick    # fewer repetitions, for a smoke run
 
-Weights are random: speed does not depend on training. Every engine runs on 2 threads in one process, the
-engines taking turns run by run, so the ratios compare figures taken under the same machine load. Prints a
-Markdown table.
+Weights are random: speed does not depend on training. Every engine runs on 2 threads in one process with its
+default threading (ORT's workers spin briefly between ops, as in serving). The engines take turns in blocks
+of runs, round after round, so that every engine sees the same machine load over the whole measurement while
+no engine's spinning threads overlap another's timed runs: the first runs of each block are warm-up and not
+counted. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -26,17 +28,12 @@ from onnxruntime.transformers.optimizer import optimize_model
 
 from vitlab.checkpoint import Normalization
 from vitlab.export import export_onnx, quantize_onnx
-from vitlab.models import build_model
+from vitlab.models import build_model, preset_spec
 
 THREADS = 2
-MODELS = {
-    "tinyvit": ("vit", {"patch_size": 4, "dim": 64, "depth": 6, "heads": 4, "mlp_dim": 128}),
-    "vit-c100": (
-        "vit",
-        {"patch_size": 4, "dim": 192, "depth": 6, "heads": 8, "mlp_dim": 256, "num_classes": 100},
-    ),
-    "cnn": ("cnn", {}),
-}
+SHIPPED = "ORT fp32, ORT fusions"  # what the export stage writes: the reference of the int8 rows
+# (preset, classes): the presets serving users start from; vit-c100 with its CIFAR-100 head.
+MODELS = {"tinyvit": 10, "vit-c100": 100, "cnn-small": 10}
 NORM = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
@@ -45,38 +42,42 @@ def session(path: Path) -> Callable[[np.ndarray], object]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = THREADS
     options.log_severity_level = 3
-    # The engines take turns; ORT's idle threads would otherwise spin on the cores the next engine needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"images": x})
 
 
-def timings(engines: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, repeats: int) -> dict:
-    """Seconds per run of each engine. The engines take turns, one run each per round, so a burst of load
-    from elsewhere on the machine slows all of them alike instead of skewing the ratios."""
+def timings(
+    engines: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, runs: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per run of each engine: ``rounds`` rounds, each giving every engine a block of ``runs`` timed
+    runs after warm-up runs. Blocks, rather than single runs, keep one engine's threads from spinning
+    through the next engine's timed run; the rounds spread any change in machine load over all engines."""
+    warmup = max(2, runs // 5)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
-    for round_ in range(max(3, repeats // 10) + repeats):  # the first rounds warm up arenas and caches
+    for _ in range(rounds):
         for name, run in engines.items():
-            start = time.perf_counter()
-            run(x)
-            if round_ >= max(3, repeats // 10):
-                seconds[name].append(time.perf_counter() - start)
+            for i in range(warmup + runs):
+                start = time.perf_counter()
+                run(x)
+                if i >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
     return seconds
 
 
 def fused(path: Path, config: dict, out: Path) -> Path:
-    """ORT's transformer optimizer (model_type "vit"): LayerNorm, SkipLayerNorm, Gelu, Attention fusions."""
+    """onnxruntime's own transformer optimizer (model_type "vit"), the alternative to onnxscript's fusions."""
     model = optimize_model(str(path), model_type="vit", num_heads=config["heads"], hidden_size=config["dim"])
     model.save_model_to_file(str(out))
     return out
 
 
 def bench_model(name: str, folder: Path, quick: bool) -> list[dict]:
-    arch, config = MODELS[name]
+    arch, config = preset_spec(name)
     torch.manual_seed(0)
-    model = build_model(arch, config).eval()
+    model = build_model(arch, config | {"num_classes": MODELS[name]}).eval()
     classes = [f"class_{i}" for i in range(model.cfg.num_classes)]
-    fp32 = export_onnx(model, folder / f"{name}.onnx", classes, NORM)
+    plain = export_onnx(model, folder / f"{name}.plain.onnx", classes, NORM)
+    fp32 = export_onnx(model, folder / f"{name}.onnx", classes, NORM, ort_fusions=True)
     engines: dict[str, Callable[[np.ndarray], object]] = {}
 
     def eager(x: np.ndarray) -> object:
@@ -84,19 +85,24 @@ def bench_model(name: str, folder: Path, quick: bool) -> list[dict]:
             return model(torch.from_numpy(x))
 
     engines["pytorch eager"] = eager
-    engines["ORT fp32"] = session(fp32)
+    engines["ORT fp32, plain ONNX"] = session(plain)
     if arch == "vit":
-        engines["ORT fp32 + transformer optimizer"] = session(
-            fused(fp32, config, folder / f"{name}.fused.onnx")
+        engines["ORT fp32, transformer optimizer"] = session(
+            fused(plain, config, folder / f"{name}.optimizer.onnx")
         )
-    engines["ORT int8 (dynamic)"] = session(quantize_onnx(fp32, folder / f"{name}.int8.onnx"))
+    engines[SHIPPED] = session(fp32)
+    engines["ORT int8 dynamic"] = session(quantize_onnx(fp32, folder / f"{name}.int8.onnx"))
+    calibration = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    engines["ORT int8 static QDQ"] = session(
+        quantize_onnx(fp32, folder / f"{name}.qdq.onnx", "static", calibration)
+    )
 
     rng = np.random.default_rng(0)
     one = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
     batch = rng.standard_normal((256, 3, 32, 32), dtype=np.float32)
     expected = eager(batch).numpy()
-    latency = timings(engines, one, 50 if quick else 200)
-    throughput = timings(engines, batch, 3 if quick else 10)
+    latency = timings(engines, one, runs=20, rounds=3 if quick else 10)
+    throughput = timings(engines, batch, runs=2, rounds=2 if quick else 6)
     rows = []
     for engine, run in engines.items():
         output = run(batch)
@@ -117,12 +123,12 @@ def bench_model(name: str, folder: Path, quick: bool) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | engine | batch 1 p50 (ms) | batch 1 p99 (ms) | batch 1 vs eager | batch 256 (img/s) "
-        "| batch 256 vs eager | batch 256 vs ORT fp32 | max \\|logit diff\\| vs eager |",
+        f"| batch 256 vs eager | batch 256 vs {SHIPPED} | max \\|logit diff\\| vs eager |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         same = {r["engine"]: r for r in rows if r["model"] == row["model"]}
-        eager, ort_fp32 = same["pytorch eager"], same["ORT fp32"]
+        eager, ort_fp32 = same["pytorch eager"], same[SHIPPED]
         lines.append(
             f"| {row['model']} | {row['engine']} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
             f"| {eager['p50_ms'] / row['p50_ms']:.2f}x | {row['img_s']:,.0f} "

@@ -3,11 +3,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from png_checks import assert_picture, inches_to_pixels
 from serving_fixtures import NORM, cifar_images, class_names, random_model
 
-from vitlab.attention import CELL_INCHES, DPI, attention_rollout, cls_attention, render_attention
+from vitlab.attention import attention_rollout, patch_attention, render_attention
 from vitlab.errors import VitlabError
+from vitlab.figures import overlay_inches
+from vitlab.models import build_model
 
 
 def _random_attention(depth=3, batch=2, heads=4, tokens=17, seed=0):
@@ -50,11 +52,31 @@ def test_rollout_of_uniform_attention_is_uniform_and_of_identity_attention_empty
     assert (attention_rollout(identity) == 0).all()  # [CLS] only ever attended to itself
 
 
-def test_cls_attention_picks_the_cls_row_over_patches():
+def test_patch_attention_picks_the_cls_row_over_patches():
     weights = _random_attention()
-    maps = cls_attention(weights)
+    maps = patch_attention(weights)
     assert maps.shape == (3, 2, 4, 16)
     torch.testing.assert_close(maps[2, 1, 3], weights[2, 1, 3, 0, 1:])
+
+
+def test_without_a_cls_token_the_maps_average_the_query_rows():
+    weights = _random_attention(tokens=16)  # 16 patches, no [CLS]
+    maps = patch_attention(weights, cls_token=False)
+    assert maps.shape == (3, 2, 4, 16)
+    torch.testing.assert_close(maps[1, 0, 2], weights[1, 0, 2].mean(dim=0))
+    torch.testing.assert_close(maps.sum(-1), torch.ones(3, 2, 4))  # the mean of distributions is one
+
+
+def test_rollout_without_a_cls_token_is_what_mean_pooling_reads():
+    tokens = 3
+    first = torch.eye(tokens)
+    first[0] = torch.tensor([0.0, 0.0, 1.0])  # layer 0: token 0 reads token 2
+    weights = first.view(1, 1, 1, tokens, tokens)
+    # (A + I) / 2 has rows [.5, 0, .5], [0, 1, 0], [0, 0, 1]; their mean is what the pooled token draws on.
+    expected = torch.tensor([[0.5, 1.0, 1.5]]) / 3
+    torch.testing.assert_close(attention_rollout(weights, cls_token=False), expected)
+    uniform = torch.full((4, 2, 2, 5, 5), 0.2)
+    torch.testing.assert_close(attention_rollout(uniform, cls_token=False), torch.full((2, 5), 0.2))
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +93,16 @@ def test_render_writes_one_png_per_layer_and_a_rollout(rendered):
     _, out_dir, summary = rendered
     assert summary["files"] == ["layer_0.png", "layer_1.png", "rollout.png"]
     assert sorted(p.name for p in out_dir.iterdir()) == summary["files"]  # no temp files left
-    cell = round(CELL_INCHES * DPI)
-    for name, columns in (("layer_0.png", 3), ("layer_1.png", 3), ("rollout.png", 2)):
-        with Image.open(out_dir / name) as image:
-            assert image.format == "PNG"
-            assert image.size == (columns * cell, 3 * cell)  # image + 2 heads (or rollout), 3 rows
-            pixels = np.asarray(image.convert("RGB"))
-        assert pixels.std() > 20  # pictures, not a blank canvas
+    for name, maps in (("layer_0.png", 2), ("layer_1.png", 2), ("rollout.png", 1)):
+        # 3 rows (images); the image, then 2 heads (or the rollout), then the colorbar
+        assert_picture(out_dir / name, inches_to_pixels(overlay_inches(3, maps)))
 
 
 def test_render_summary_describes_the_maps(rendered):
     model, _, summary = rendered
     assert json.loads(json.dumps(summary)) == summary
     assert summary["supported"] is True and summary["arch"] == "vit"
+    assert (summary["method"], summary["query"]) == ("attention", "cls")
     assert (summary["layers"], summary["heads"], summary["images"]) == (2, 2, 3)
     assert summary["patch_grid"] == [8, 8]
     images, labels = cifar_images(3)
@@ -91,15 +110,55 @@ def test_render_summary_describes_the_maps(rendered):
         predicted = model.eval()(NORM.to_tensor(torch.as_tensor(images))).argmax(1).numpy()
     assert summary["correct"] == int((predicted == labels).sum())
     assert 0 < summary["rollout_patch_entropy"] < 1
-    assert len(summary["cls_patch_entropy_by_layer"]) == 2
-    assert all(0 < e < 1 for e in summary["cls_patch_entropy_by_layer"])
+    assert len(summary["patch_entropy_by_layer"]) == 2
+    assert all(0 < e < 1 for e in summary["patch_entropy_by_layer"])
 
 
-@pytest.mark.parametrize("arch", ["cnn", "mlp"])
-def test_models_without_attention_render_nothing(arch, tmp_path):
+@pytest.mark.parametrize(
+    ("config", "query", "grid"),
+    [
+        ({"pool": "mean"}, "mean", 8),
+        ({"stem": "conv", "patch_size": 8}, "cls", 4),
+        ({"stem": "conv", "patch_size": 2, "pool": "mean", "pos_embed": "sincos"}, "mean", 16),
+    ],
+)
+def test_vit_variants_draw_on_their_own_token_grid(tmp_path, config, query, grid):
+    torch.manual_seed(0)
+    model = build_model("vit", {"depth": 2, "dim": 32, "heads": 2, "mlp_dim": 64} | config)
     images, labels = cifar_images(2)
-    summary = render_attention(random_model(arch), images, labels, class_names(), NORM, tmp_path / "out")
-    assert summary == {"supported": False, "reason": f"{arch} has no attention"}
+    summary = render_attention(model, images, labels, class_names(), NORM, tmp_path)
+    assert (summary["query"], summary["patch_grid"]) == (query, [grid, grid])
+    assert 0 < summary["rollout_patch_entropy"] <= 1
+    for name in ("layer_1.png", "rollout.png"):
+        maps = 2 if name.startswith("layer") else 1
+        assert_picture(tmp_path / name, inches_to_pixels(overlay_inches(2, maps)))
+
+
+def test_a_cnn_gets_grad_cam_in_the_rollout_layout(tmp_path):
+    images, labels = cifar_images(3)
+    model = random_model("cnn")
+    summary = render_attention(model, images, labels, class_names(), NORM, tmp_path)
+    assert summary == {
+        "supported": True,
+        "arch": "cnn",
+        "method": "grad-cam",
+        "layer": "features",
+        "feature_grid": [8, 8],
+        "images": 3,
+        "correct": summary["correct"],
+        "files": ["gradcam.png"],
+    }
+    with torch.no_grad():
+        predicted = model(NORM.to_tensor(torch.as_tensor(images))).argmax(1).numpy()
+    assert summary["correct"] == int((predicted == labels).sum())
+    assert_picture(tmp_path / "gradcam.png", inches_to_pixels(overlay_inches(3, 1)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gradcam.png"]
+
+
+def test_a_model_without_attention_or_feature_maps_renders_nothing(tmp_path):
+    images, labels = cifar_images(2)
+    summary = render_attention(random_model("mlp"), images, labels, class_names(), NORM, tmp_path / "out")
+    assert summary == {"supported": False, "reason": "mlp has neither attention nor a spatial feature map"}
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,9 @@
+import pytest
 import torch
 
-from vitlab.data.augment import random_crop_flip
+from vitlab.checkpoint import Normalization
+from vitlab.data.augment import POLICY_GROUP, BatchAugment, random_crop_flip, random_erasing
+from vitlab.errors import VitlabError
 
 
 def test_no_padding_no_flip_is_identity():
@@ -28,8 +31,107 @@ def test_crops_are_shifted_windows_of_the_zero_padded_image():
     assert y.shape == x.shape
 
 
+def test_the_padding_takes_a_fill_per_channel():
+    x = torch.zeros(64, 3, 8, 8, dtype=torch.uint8)
+    y = random_crop_flip(x, 2, False, torch.Generator().manual_seed(0), fill=(7, 8, 9))
+    assert set(y.unique().tolist()) == {0, 7, 8, 9}
+    for channel, value in enumerate((7, 8, 9)):
+        assert set(y[:, channel].unique().tolist()) <= {0, value}
+
+
 def test_same_generator_seed_gives_the_same_batch():
     x = torch.randn(16, 3, 32, 32)
     a = random_crop_flip(x, 4, True, torch.Generator().manual_seed(7))
     b = random_crop_flip(x, 4, True, torch.Generator().manual_seed(7))
     assert a.equal(b)
+
+
+def test_random_erasing_zeroes_one_rectangle_per_chosen_image():
+    x = torch.ones(64, 3, 16, 16)
+    y = random_erasing(x, 1.0, torch.Generator().manual_seed(0))
+    erased = y[:, 0] == 0  # (N, H, W); every channel alike
+    assert torch.equal(erased[:, None].expand_as(y), y == 0)
+    for mask in erased:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        height, width = len(rows), len(cols)
+        assert height * width == mask.sum()  # one solid rectangle
+        assert rows[-1] - rows[0] + 1 == height and cols[-1] - cols[0] + 1 == width
+        assert 0.02 * 256 * 0.5 <= mask.sum() <= 0.33 * 256 * 1.5  # area drawn in the scale range, rounded
+    assert len({tuple(m.nonzero()[0].tolist()) for m in erased}) > 10  # each image its own rectangle
+    assert random_erasing(x, 0.0, torch.Generator().manual_seed(0)).equal(x)
+    some = random_erasing(x, 0.5, torch.Generator().manual_seed(0))
+    assert 10 < (some == 0).flatten(1).any(1).sum() < 54
+
+
+NORM = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+
+
+def _uint8_batch(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_default_pipeline_is_crop_and_flip_padded_with_the_mean_pixel_then_normalize():
+    images, labels = _uint8_batch(16), torch.arange(16)
+    x, targets = BatchAugment(NORM, 10)(images, labels, torch.Generator().manual_seed(3))
+    mean_pixel = [128, 102, 76]  # NORM.mean * 255, rounded
+    expected = random_crop_flip(images, 4, True, torch.Generator().manual_seed(3), mean_pixel)
+    assert x.equal(NORM.normalize(expected))
+    assert targets is labels
+
+
+def test_a_policy_draws_its_ops_per_group_of_images():
+    images = _uint8_batch(1).expand(64, -1, -1, -1).contiguous()  # one image, 64 times
+    x, _ = BatchAugment(NORM, 10, "randaugment", 0, False)(images, torch.zeros(64), torch.Generator())
+    groups = x.split(POLICY_GROUP)
+    assert all(g.equal(g[:1].expand_as(g)) for g in groups)  # one draw within a group...
+    assert len({g[0].numpy().tobytes() for g in groups}) > 4  # ... and its own draw in each group
+    x_auto, _ = BatchAugment(NORM, 10, "autoaugment", 0, False)(images, torch.zeros(64), torch.Generator())
+    assert x_auto.shape == (64, 3, 32, 32) and x_auto.dtype == torch.float32
+
+
+def test_mixup_blends_each_image_and_its_label_with_the_next_in_the_batch():
+    images, labels = _uint8_batch(8), torch.arange(8) % 5
+    x, targets = BatchAugment(NORM, 5, crop_padding=0, flip=False, mixup_alpha=1.0)(
+        images, labels, torch.Generator().manual_seed(0)
+    )
+    one_hot = torch.nn.functional.one_hot(labels, 5).float()
+    lam = targets[0, labels[0]].item()  # image 0's partner, image 7, has another label
+    assert 0 < lam < 1
+    torch.testing.assert_close(targets, lam * one_hot + (1 - lam) * one_hot.roll(1, 0))
+    clean = NORM.normalize(images)
+    torch.testing.assert_close(x, lam * clean + (1 - lam) * clean.roll(1, 0))
+
+
+def test_cutmix_pastes_a_patch_and_weighs_the_labels_by_its_area():
+    images, labels = _uint8_batch(8), torch.arange(8) % 5
+    x, targets = BatchAugment(NORM, 5, crop_padding=0, flip=False, cutmix_alpha=1.0)(
+        images, labels, torch.Generator().manual_seed(1)
+    )
+    clean = NORM.normalize(images)
+    pasted = (x != clean).any(1)  # (N, H, W): where the neighbour's pixels show
+    share = pasted[0].float().mean().item()
+    assert 0 < share < 1
+    assert targets.sum(1).allclose(torch.ones(8))
+    assert targets[0, labels[0]].item() == pytest.approx(1 - share, abs=0.02)
+
+
+def test_every_option_is_reproducible_and_leaves_the_global_rng_alone():
+    augment = BatchAugment(NORM, 10, "randaugment", 4, True, 0.5, 0.2, 1.0)
+    images, labels = _uint8_batch(32), torch.arange(32) % 10
+    torch.manual_seed(0)
+    before, threads = torch.get_rng_state(), torch.get_num_threads()
+    a = augment(images, labels, torch.Generator().manual_seed(9))
+    assert torch.equal(torch.get_rng_state(), before)  # dropout and init draw the same numbers as without
+    assert torch.get_num_threads() == threads  # the batch ran on one thread; the model's threads are back
+    b = augment(images, labels, torch.Generator().manual_seed(9))
+    c = augment(images, labels, torch.Generator().manual_seed(10))
+    assert a[0].equal(b[0]) and a[1].equal(b[1])
+    assert not a[0].equal(c[0])
+    assert a[1].shape == (32, 10)
+
+
+def test_an_unknown_policy_is_a_clear_error():
+    with pytest.raises(VitlabError, match="unknown augmentation policy 'trivial'"):
+        BatchAugment(NORM, 10, "trivial")

@@ -26,7 +26,7 @@ def _vitlab(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.parametrize("command", [[], ["predict"], ["stage"], ["params"]])
+@pytest.mark.parametrize("command", [[], ["predict"], ["stage"], ["params"], ["compare"]])
 def test_every_command_has_help(command):
     done = _vitlab(*command, "--help")
     assert done.returncode == 0
@@ -71,9 +71,9 @@ def test_stage_runs_from_the_given_params_in_the_working_directory(tmp_path, mon
     assert (tmp_path / "data" / "prepared" / "meta.json").is_file()
 
 
-def test_app_lists_the_three_commands():
+def test_app_lists_its_commands():
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert names == {"predict", "stage", "params"}
+    assert names == {"predict", "stage", "params", "compare"}
 
 
 def _ready_to_evaluate(folder: Path) -> None:

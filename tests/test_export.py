@@ -158,3 +158,39 @@ def test_attention_variant_refuses_a_model_without_attention(tmp_path):
     with pytest.raises(VitlabError, match="cnn has no attention to export"):
         export_onnx(random_model("cnn"), tmp_path / "m.onnx", class_names(), NORM, with_attention=True)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["vit", "cnn"])
+def test_ort_fusions_keep_the_logits_and_record_what_they_fused(arch, tmp_path):
+    model = random_model(arch)
+    path = export_onnx(model, tmp_path / "model.onnx", class_names(), NORM, ort_fusions=True)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {node.op_type for node in proto.graph.node}
+    fused = json.loads({p.key: p.value for p in proto.metadata_props}["ort_fusions"])
+    if arch == "vit":
+        # Each of the 2 blocks: one attention op; norms merged with the residual adds; bias + GELU in one.
+        assert {"MultiHeadAttention", "SkipLayerNormalization", "BiasGelu"} <= ops
+        assert not {"Softmax", "Erf"} & ops
+        assert [node.op_type for node in proto.graph.node].count("MultiHeadAttention") == 2
+        assert fused["sdpa"] == 2 and fused["bias_gelu"] == 2
+    else:
+        assert fused == {}  # nothing to fuse: the graph is the plain export's
+    images, _ = cifar_images(7)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        (logits,) = session.run(None, {"images": NORM.to_tensor(torch.as_tensor(images[:n])).numpy()})
+        np.testing.assert_allclose(logits, _torch_logits(model, images[:n]), atol=1e-4, rtol=0)
+
+
+def test_ort_fusions_keep_the_attention_output(tmp_path):
+    model = random_model("vit")
+    path = export_onnx(model, tmp_path / "m.onnx", class_names(), NORM, with_attention=True, ort_fusions=True)
+    images, _ = cifar_images(5)
+    x = NORM.to_tensor(torch.as_tensor(images))
+    with torch.no_grad():
+        logits, weights = model.forward_with_attention(x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual_logits, actual_weights = session.run(None, {"images": x.numpy()})
+    np.testing.assert_allclose(actual_weights, weights.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(actual_logits, logits.numpy(), atol=1e-4, rtol=0)

@@ -1,9 +1,18 @@
+import itertools
+
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
+from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError
+from vitlab.export import export_onnx
 from vitlab.models import build_model, count_parameters, model_spec
-from vitlab.models.vit import ViT, ViTConfig
+from vitlab.models.resnet import ResNet, ResNetConfig
+from vitlab.models.vit import ViT, ViTConfig, sincos_2d
+
+SMALL_VIT = {"dim": 32, "depth": 2, "heads": 4, "mlp_dim": 64}
 
 
 @pytest.mark.parametrize(
@@ -11,16 +20,21 @@ from vitlab.models.vit import ViT, ViTConfig
     [
         ("vit", {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}),
         ("vit", {"patch_size": 2, "dim": 64, "depth": 1, "heads": 3, "head_dim": 16, "mlp_dim": 64}),
+        ("vit", SMALL_VIT | {"stem": "conv", "pool": "mean", "pos_embed": "sincos", "drop_path": 0.2}),
         ("cnn", {"channels": [16, 32]}),
+        ("resnet", {"widths": [8, 16], "blocks": [1, 2]}),
         ("mlp", {"hidden": [64]}),
     ],
 )
 def test_models_map_images_to_logits_and_rebuild_from_their_spec(arch, config):
-    model = build_model(arch, {"num_classes": 7, **config})
-    assert model(torch.randn(5, 3, 32, 32)).shape == (5, 7)
+    torch.manual_seed(0)
+    model = build_model(arch, {"num_classes": 7, **config}).eval()
+    x = torch.randn(5, 3, 32, 32)
+    assert model(x).shape == (5, 7)
     spec = model_spec(model)
-    rebuilt = build_model(spec["arch"], spec["config"])
-    assert count_parameters(rebuilt) == count_parameters(model)
+    rebuilt = build_model(spec["arch"], spec["config"]).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(x), model(x), atol=0, rtol=0)
 
 
 def test_parameter_counts_match_the_architectures():
@@ -31,6 +45,38 @@ def test_parameter_counts_match_the_architectures():
     per_block = 2 * 2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64)
     embed = 3 * 16 * 64 + 64 + 64 + 65 * 64
     assert count_parameters(vit) == embed + 6 * per_block + 2 * 64 + 64 * 10 + 10
+    # Mean pooling drops the CLS token and its position; sin-cos positions are not parameters.
+    mean = build_model("vit", {"pool": "mean"})
+    assert count_parameters(mean) == count_parameters(vit) - 64 - 64
+    sincos = build_model("vit", {"pos_embed": "sincos"})
+    assert count_parameters(sincos) == count_parameters(vit) - 65 * 64
+    # CCT's tokenizer for patch 4: conv3x3 3->64 and 64->64, no biases, in place of the 4x4 patch conv.
+    conv = build_model("vit", {"stem": "conv"})
+    assert count_parameters(conv) == count_parameters(vit) - (3 * 16 * 64 + 64) + 3 * 9 * 64 + 64 * 9 * 64
+
+
+def test_resnet20_has_the_published_layout():
+    model = ResNet(ResNetConfig())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(m.kernel_size == (3, 3) for m in convs) == 19  # + the linear head: the 20 layers
+    assert [m.in_channels for m in convs if m.kernel_size == (1, 1)] == [
+        16,
+        32,
+    ]  # shortcuts where shape changes
+    stem = 3 * 16 * 9 + 2 * 16
+    stage1 = 3 * 2 * (16 * 16 * 9 + 2 * 16)
+    stage2 = (16 * 32 * 9 + 32 * 32 * 9 + 4 * 32) + (16 * 32 + 2 * 32) + 2 * 2 * (32 * 32 * 9 + 2 * 32)
+    stage3 = (32 * 64 * 9 + 64 * 64 * 9 + 4 * 64) + (32 * 64 + 2 * 64) + 2 * 2 * (64 * 64 * 9 + 2 * 64)
+    assert count_parameters(model) == stem + stage1 + stage2 + stage3 + 64 * 10 + 10 == 272_474
+    features = model.blocks(model.stem(torch.randn(2, 3, 32, 32)))
+    assert features.shape == (2, 64, 8, 8)
+
+
+def test_resnet_blocks_start_as_their_shortcuts():
+    # bn2 starts at zero, so an identity block passes its input through ReLU unchanged.
+    block = ResNet(ResNetConfig(widths=(8,), blocks=(1,))).blocks[0].eval()
+    x = torch.randn(2, 8, 16, 16).relu()
+    torch.testing.assert_close(block(x), x)
 
 
 def test_head_dim_lets_heads_not_divide_dim():
@@ -42,19 +88,171 @@ def test_head_dim_lets_heads_not_divide_dim():
     assert weights.shape == (1, 2, 3, 65, 65)
 
 
-def test_fused_and_explicit_attention_agree_and_weights_are_distributions():
+OPTIONS = list(itertools.product(("patch", "conv"), ("cls", "mean"), ("learned", "sincos")))
+
+
+@pytest.mark.parametrize(("stem", "pool", "pos_embed"), OPTIONS)
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_and_explicit_attention_agree_and_weights_are_distributions(stem, pool, pos_embed, training):
     torch.manual_seed(0)
-    model = ViT(ViTConfig(depth=3, dim=32, heads=4, mlp_dim=64, patch_size=8)).eval()
+    cfg = ViTConfig(
+        depth=3, dim=32, heads=4, mlp_dim=64, patch_size=8, stem=stem, pool=pool, pos_embed=pos_embed
+    )
+    model = ViT(cfg).train(training)  # no dropout: the training path (SDPA) is deterministic too
     x = torch.randn(4, 3, 32, 32)
     fused = model(x)
     explicit, weights = model.forward_with_attention(x)
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
-    assert weights.shape == (3, 4, 4, 17, 17)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 4, 17))
+    tokens = 16 + (pool == "cls")
+    assert cfg.num_tokens == tokens
+    assert weights.shape == (3, 4, 4, tokens, tokens)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 4, tokens))
+
+
+def test_fused_and_explicit_attention_agree_with_head_dim_and_stochastic_depth_at_eval():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(depth=4, dim=48, heads=5, head_dim=8, patch_size=4, drop_path=0.3)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), model.forward_with_attention(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_today_checkpoints_keep_loading():
+    # A checkpoint written before stem/pool/pos_embed/drop_path existed: its config lacks them, and its
+    # weights have exactly these names and shapes.
+    config = {"num_classes": 3, "image_size": 32, "in_channels": 3, "patch_size": 8, "dim": 16, "depth": 1}
+    config |= {"heads": 2, "head_dim": None, "mlp_dim": 32, "dropout": 0.0}
+    linears = {"blocks.0.attn.qkv": (48, 16), "blocks.0.attn.proj": (16, 16), "head": (3, 16)}
+    linears |= {"blocks.0.mlp.0": (32, 16), "blocks.0.mlp.3": (16, 32)}
+    shapes = {"cls_token": (1, 1, 16), "pos_embed": (1, 17, 16), "patch_embed.weight": (16, 3, 8, 8)}
+    shapes |= {"patch_embed.bias": (16,)} | {f"{name}.weight": shape for name, shape in linears.items()}
+    shapes |= {f"{name}.bias": shape[:1] for name, shape in linears.items()}
+    shapes |= {
+        f"{norm}.{p}": (16,)
+        for norm in ("blocks.0.norm1", "blocks.0.norm2", "norm")
+        for p in ("weight", "bias")
+    }
+    torch.manual_seed(0)
+    old_weights = {name: torch.randn(shape) for name, shape in shapes.items()}
+    model = build_model("vit", config)
+    model.load_state_dict(old_weights)  # strict: no key missing, none unexpected
+    assert model_spec(model)["config"] == config | {
+        "stem": "patch",
+        "pool": "cls",
+        "pos_embed": "learned",
+        "drop_path": 0.0,
+    }
+
+
+def test_mean_pooling_has_no_cls_token_and_averages_the_patch_tokens():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(pool="mean", **SMALL_VIT)).eval()
+    assert model.cls_token is None
+    assert model.pos_embed.shape == (1, 64, 32)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed
+    for block in model.blocks:
+        tokens = block(tokens)[0]
+    torch.testing.assert_close(model(x), model.head(model.norm(tokens.mean(dim=1))))
+
+
+@pytest.mark.parametrize(("patch_size", "stages"), [(2, 1), (4, 2), (8, 3)])
+def test_conv_stem_reaches_the_grid_of_its_patch_size(patch_size, stages):
+    model = ViT(ViTConfig(stem="conv", patch_size=patch_size, **SMALL_VIT))
+    convs = [m for m in model.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == stages
+    assert all(conv.kernel_size == (3, 3) and conv.bias is None for conv in convs)
+    assert model.grid_size == 32 // patch_size
+    tokens = model.patch_embed(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 32, model.grid_size, model.grid_size)
+
+
+def test_sincos_positions_are_fixed_sines_of_row_and_column():
+    grid, dim = 4, 16
+    positions = sincos_2d(grid, dim)
+    assert positions.shape == (grid * grid, dim)
+    row, col = 2, 3
+    token = positions[row * grid + col]
+    omega = 10000.0 ** -(np.arange(4) / 4)
+    expected = np.concatenate(
+        [np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)]
+    )
+    np.testing.assert_allclose(token.numpy(), expected, atol=1e-6)
+    assert len({tuple(p.tolist()) for p in positions}) == grid * grid  # every token its own position
+    model = ViT(ViTConfig(pos_embed="sincos", **SMALL_VIT))
+    assert "pos_embed" not in model.state_dict()  # computed, never stored
+    torch.testing.assert_close(model.pos_embed[0, 0], torch.zeros(32))  # the CLS token has no position
+    torch.testing.assert_close(model.pos_embed[0, 1:], sincos_2d(8, 32))
+
+
+def test_stochastic_depth_rises_linearly_and_is_off_at_eval():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**(SMALL_VIT | {"depth": 4, "drop_path": 0.3})))
+    rates = [getattr(block.drop_path, "p", 0.0) for block in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    plain = ViT(ViTConfig(**(SMALL_VIT | {"depth": 4})))
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(64, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+
+
+def test_stochastic_depth_skips_a_block_for_whole_samples():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**(SMALL_VIT | {"drop_path": 0.5})))  # depth 2: rates 0 and 0.5
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out[0])}))
+
+    def skipped() -> list[int]:
+        return [int((y == x).all(dim=(1, 2)).sum()) for x, y in (seen[0], seen[1])]
+
+    model.train()(torch.randn(64, 3, 32, 32))
+    first, last = skipped()
+    # A sample skips the last block where both of its branches drew "drop" (1 in 4).
+    assert first == 0 and 4 < last < 32
+    model.eval()(torch.randn(64, 3, 32, 32))
+    assert skipped() == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"stem": "conv", "patch_size": 1}, "stem='conv' needs a patch_size of 2, 4, 8"),
+        ({"pool": "max"}, "vit pool='max': expected one of cls, mean"),
+        ({"pos_embed": "sincos", "dim": 18, "heads": 2}, "needs dim divisible by 4"),
+        ({"patch_size": 5}, "patch_size=5 does not divide image_size=32"),
+    ],
+)
+def test_impossible_vit_configs_are_one_line_errors(config, message):
+    with pytest.raises(VitlabError, match=message):
+        build_model("vit", config)
+
+
+def test_resnet_needs_one_block_count_per_stage():
+    with pytest.raises(VitlabError, match=r"need one entry per stage"):
+        build_model("resnet", {"widths": [16, 32], "blocks": [3]})
 
 
 def test_unknown_architecture_or_config_key_is_a_clear_error():
-    with pytest.raises(VitlabError, match="unknown architecture 'resnet'"):
-        build_model("resnet", {})
+    with pytest.raises(VitlabError, match="unknown architecture 'transformer'"):
+        build_model("transformer", {})
     with pytest.raises(VitlabError, match="unknown keys: patch"):
         build_model("cnn", {"patch": 4})
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [
+        ("vit", SMALL_VIT | {"stem": "conv", "pool": "mean", "pos_embed": "sincos", "drop_path": 0.1}),
+        ("resnet", {"widths": [8, 16], "blocks": [1, 1]}),
+    ],
+)
+def test_new_architectures_export_to_onnx_and_match_pytorch(tmp_path, arch, config):
+    torch.manual_seed(0)
+    model = build_model(arch, config).eval()
+    norm = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    path = export_onnx(model, tmp_path / "model.onnx", [str(i) for i in range(10)], norm)
+    x = torch.randn(3, 3, 32, 32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-4)

@@ -25,7 +25,28 @@ def test_committed_params_file_is_valid_and_complete():
             "model.patch_size=5 does not divide the image size 32 (allowed: 1, 2, 4",
         ),
         ({"model": {"heads": 3}}, "model.heads=3 does not divide model.dim=64"),
-        ({"model": {"name": "resnet"}}, "model.name: got 'resnet'; input should be 'vit', 'cnn' or 'mlp'"),
+        (
+            {"model": {"name": "vgg"}},
+            "model.name: got 'vgg'; input should be 'vit', 'cnn', 'resnet' or 'mlp'",
+        ),
+        (
+            {"model": {"preset": "vit-huge"}},
+            "model.preset: got 'vit-huge'; known presets: tinyvit, vit-tiny, vit-small, vit-c100, vit-p2, "
+            "cnn-small, resnet, mlp",
+        ),
+        (
+            {"model": {"preset": "resnet", "name": "vit"}},
+            "model.name=vit contradicts model.preset=resnet (a resnet); leave model.name null",
+        ),
+        ({"model": {"preset": "vit-small", "heads": 5}}, "model.heads=5 does not divide model.dim=384"),
+        ({"model": {"stem": "conv", "patch_size": 1}}, "model.stem=conv halves the image per conv stage"),
+        ({"model": {"pos_embed": "sincos", "dim": 30, "heads": 3}}, "model.pos_embed=sincos needs model.dim"),
+        ({"model": {"pool": "max"}}, "model.pool: got 'max'; input should be 'cls' or 'mean'"),
+        ({"model": {"drop_path": 1.0}}, "model.drop_path: Input should be less than 1"),
+        (
+            {"model": {"name": "resnet", "resnet_widths": [8, 16]}},
+            "model.resnet_widths has 2 stages but model.resnet_blocks 3",
+        ),
         ({"data": {"dataset": "imagenet"}}, "data.dataset: got 'imagenet'; input should be 'cifar10-sample'"),
         ({"train": {"learning_rate": 0}}, "train.learning_rate: Input should be greater than 0"),
         ({"train": {"learning_rate": -1e-3}}, "train.learning_rate: Input should be greater than 0"),
@@ -44,6 +65,22 @@ def test_bad_params_name_the_key(raw, expected):
     assert expected in message
     assert message.startswith("params.yaml: ")
     assert "\n" not in message
+
+
+def test_a_preset_fills_the_keys_left_unset_and_explicit_keys_override_it():
+    params = parse_params({"model": {"preset": "vit-c100", "depth": 8, "dim": None, "pool": "mean"}})
+    m = params.model
+    assert (m.name, m.dim, m.heads, m.mlp_dim, m.dropout) == ("vit", 192, 8, 256, 0.1)  # the preset's
+    assert (m.depth, m.pool) == (8, "mean")  # set beside it
+    assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
+    resnet = parse_params({"model": {"preset": "resnet", "resnet_blocks": [2, 2, 2], "dim": 999}}).model
+    assert (resnet.name, resnet.resnet_widths, resnet.resnet_blocks) == ("resnet", (16, 32, 64), (2, 2, 2))
+
+
+def test_null_model_keys_take_their_defaults():
+    params = parse_params({"model": {"preset": None, "name": None, "dim": None, "cnn_channels": None}})
+    assert params.model == parse_params({}).model
+    assert (params.model.name, params.model.dim, params.model.cnn_channels) == ("vit", 64, (16, 32))
 
 
 def test_heads_need_not_divide_dim_with_an_explicit_head_dim():

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -88,6 +90,15 @@ def test_repro_writes_every_output(clone):
 
     export = _json(root / "reports" / "export" / "metrics.json")
     assert export["max_abs_diff"] <= 1e-4 and export["top1_agreement"] == 1.0
+    assert export["attention"]["max_abs_diff"] <= 1e-4 and export["attention"]["top1_agreement"] == 1.0
+    assert abs(export["int8"]["accuracy_delta_points"]) <= 1.0
+    assert export["int8"]["int8_bytes"] < export["onnx_bytes"] / 3
+    session = ort.InferenceSession(
+        str(root / "models/attention/model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in session.get_outputs()] == ["logits", "attention"]
+    shipped = onnx.load(root / "models" / "model.onnx")
+    assert [node.op_type for node in shipped.graph.node].count("MultiHeadAttention") == 6  # one per block
     inference = _json(root / "reports" / "inference" / "metrics.json")
     assert inference["onnxruntime_test_accuracy"] == pytest.approx(evaluation["test_accuracy"], abs=1e-6)
 

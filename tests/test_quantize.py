@@ -29,7 +29,9 @@ def fp32(sample, tmp_path_factory):
     model = build_model("vit", MODELS["vit"])
     cfg = TrainConfig(epochs=4, batch_size=64, learning_rate=2e-3, warmup_epochs=0.5, device="cpu")
     train(model, sample.train, None, NORM, cfg)
-    return export_onnx(model.eval(), tmp_path_factory.mktemp("fp32") / "model.onnx", sample.class_names, NORM)
+    # Fused, as the export stage ships it: int8 is derived from that graph.
+    folder = tmp_path_factory.mktemp("fp32")
+    return export_onnx(model.eval(), folder / "model.onnx", sample.class_names, NORM, ort_fusions=True)
 
 
 @pytest.fixture(scope="module", params=["dynamic", "static"])
@@ -50,7 +52,8 @@ def test_int8_model_is_a_checked_smaller_file_that_serves_with_the_same_metadata
     fp32_props = {p.key: p.value for p in onnx.load(fp32).metadata_props}
     assert props == {**fp32_props, "quantization": props["quantization"]}
     assert props["quantization"].startswith(method)
-    assert path.stat().st_size < fp32.stat().st_size * 0.6
+    # QDQ keeps fp32 copies of what the fused operators (SkipLayerNormalization, BiasGelu) read.
+    assert path.stat().st_size < fp32.stat().st_size * (0.6 if method == "dynamic" else 0.65)
 
     classifier = Classifier(path, provider="cpu")
     assert classifier.class_names == sample.class_names == json.loads(props["class_names"])

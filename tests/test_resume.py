@@ -1,5 +1,6 @@
 """Resumable training: a run killed with SIGKILL and started again ends bit-identical to an unbroken one."""
 
+import json
 import os
 import signal
 import subprocess
@@ -22,9 +23,10 @@ EPOCHS = 6
 TINY_VIT = {"num_classes": 4, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}
 
 # One training run in a fresh process: argv = state file, result file, seconds to pause after each epoch (so
-# that a kill lands mid-run). Dropout makes the run draw from torch's global RNG as well as the loop's own.
+# that a kill lands mid-run), train options as JSON. Dropout makes the run draw from torch's global RNG as
+# well as the loop's own.
 CHILD = f"""
-import sys, time, torch
+import json, sys, time, torch
 from cifar_fakes import make_dataset
 from vitlab import checkpoint
 from vitlab.checkpoint import Normalization
@@ -32,11 +34,12 @@ from vitlab.models import build_model
 from vitlab.train import TrainConfig, split_train_val, train
 
 torch.set_num_threads(1)  # bit-exact across processes
-state_path, out, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+state_path, out, pause, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
 tr, va = split_train_val(make_dataset(n_train=120, num_classes=4).train, 0.25, 0)
 torch.manual_seed(0)
 model = build_model("vit", {TINY_VIT!r} | {{"dropout": 0.1}})
-cfg = TrainConfig(epochs={EPOCHS}, batch_size=32, learning_rate=3e-3, warmup_epochs=1, device="cpu")
+cfg = TrainConfig(epochs={EPOCHS}, batch_size=32, learning_rate=3e-3, warmup_epochs=1, device="cpu",
+                  **options)
 norm = Normalization.from_images(tr.images)
 result = train(model, tr, va, norm, cfg, on_epoch=lambda row: time.sleep(pause), state_path=state_path)
 torch.save({{"history": result.history, "best": (result.best_epoch, result.best_val_accuracy),
@@ -44,15 +47,14 @@ torch.save({{"history": result.history, "best": (result.best_epoch, result.best_
 """
 
 
-def _child(state: Path, out: Path, pause: float = 0.0, **kwargs) -> subprocess.Popen:
+def _child(state: Path, out: Path, options: dict, pause: float = 0.0, **kwargs) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(state), str(out), str(pause)], env=env, text=True, **kwargs
-    )
+    argv = [sys.executable, "-c", CHILD, str(state), str(out), str(pause), json.dumps(options)]
+    return subprocess.Popen(argv, env=env, text=True, **kwargs)
 
 
-def _finished(state: Path, out: Path) -> tuple[dict, str]:
-    child = _child(state, out, stderr=subprocess.PIPE)
+def _finished(state: Path, out: Path, options: dict) -> tuple[dict, str]:
+    child = _child(state, out, options, stderr=subprocess.PIPE)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 0, stderr
     return torch.load(out, weights_only=True), stderr
@@ -68,12 +70,17 @@ def _assert_same_run(a: dict, b: dict) -> None:
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
 
 
-def test_a_killed_run_resumes_after_its_last_epoch_and_ends_bit_identical(tmp_path):
-    whole, stderr = _finished(tmp_path / "whole.pt", tmp_path / "whole-result.pt")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"augment": "randaugment", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "random_erasing": 0.25}],
+    ids=["defaults", "every-augmentation"],
+)
+def test_a_killed_run_resumes_after_its_last_epoch_and_ends_bit_identical(tmp_path, options):
+    whole, stderr = _finished(tmp_path / "whole.pt", tmp_path / "whole-result.pt", options)
     assert "resuming" not in stderr and len(whole["history"]) == EPOCHS
 
     state, out = tmp_path / "state.pt", tmp_path / "result.pt"
-    child = _child(state, out, pause=0.3, stderr=subprocess.PIPE)
+    child = _child(state, out, options, pause=0.3, stderr=subprocess.PIPE)
     for line in child.stderr:
         if line.startswith(f"epoch 2/{EPOCHS}"):  # printed once epoch 2's state is saved
             child.send_signal(signal.SIGKILL)
@@ -85,7 +92,7 @@ def test_a_killed_run_resumes_after_its_last_epoch_and_ends_bit_identical(tmp_pa
     assert 2 <= saved["epoch"] < EPOCHS
     assert {"model", "optimizer", "scheduler", "history", "best_model", "rng", "digest"} <= set(saved)
 
-    resumed, stderr = _finished(state, out)
+    resumed, stderr = _finished(state, out, options)
     assert f"resuming from {state} after epoch {saved['epoch']}/{EPOCHS}" in stderr
     assert f"epoch 1/{EPOCHS}" not in stderr  # the finished epochs are not trained again
     _assert_same_run(resumed, whole)

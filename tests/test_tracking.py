@@ -1,6 +1,7 @@
 import warnings
 
 import pytest
+from fake_wandb import FakeRun, use_fake_run
 
 from vitlab import tracking
 
@@ -90,3 +91,60 @@ def test_offline_run_writes_locally_without_network(monkeypatch, tmp_path):
     tracker.log({"loss": 0.5}, step=1)
     tracker.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.fixture
+def fake_run(monkeypatch) -> FakeRun:
+    return use_fake_run(monkeypatch)
+
+
+def test_pictures_are_logged_as_images_and_the_gif_as_a_video(fake_run, tmp_path):
+    import numpy as np
+    import wandb
+    from PIL import Image
+
+    frames = [Image.new("RGB", (8, 8), (60 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "curves.gif", save_all=True, append_images=frames[1:], duration=100)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "curves.png")
+    tracker = tracking.Tracker({"a": 1})
+    tracker.log_images({"still": tmp_path / "curves.png", "progress": tmp_path / "curves.gif"}, step=3)
+    [(media, step)] = fake_run.logged
+    assert step == 3
+    assert type(media["still"]) is wandb.Image
+    assert type(media["progress"]) is wandb.Video
+
+
+def test_a_table_logs_array_cells_as_images(fake_run):
+    import numpy as np
+    import wandb
+
+    tracker = tracking.Tracker({"a": 1})
+    image = np.full((32, 32, 3), 200, np.uint8)
+    tracker.log_table("predictions", ["image", "label", "correct"], [[image, "cat", 1], [image, "dog", 0]])
+    [(logged, _)] = fake_run.logged
+    table = logged["predictions"]
+    assert isinstance(table, wandb.Table)
+    assert table.columns == ["image", "label", "correct"]
+    assert [row[1:] for row in table.data] == [["cat", 1], ["dog", 0]]
+    assert all(isinstance(row[0], wandb.Image) for row in table.data)
+
+
+def test_a_failing_media_call_warns_once_and_stops_tracking(fake_run, tmp_path):
+    tracker = tracking.Tracker({"a": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.log_images({"missing": tmp_path / "nope.png"})
+    assert len(caught) == 1 and str(caught[0].message).startswith("W&B: ")
+    assert tracker.run is None and fake_run.logged == []
+
+
+def test_stage_runs_of_an_experiment_share_its_name_as_their_group(monkeypatch):
+    import wandb
+
+    calls = []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("DVC_EXP_NAME", "study-p4")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or "run")
+    tracking.Tracker({"a": 1}, job_type="evaluate")
+    [kwargs] = calls
+    assert (kwargs["name"], kwargs["group"], kwargs["job_type"]) == ("study-p4", "study-p4", "evaluate")

@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from vitlab.data.prepared import Split
 from vitlab.errors import VitlabError
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model
+from vitlab.params import TrainParams, parse_params
 from vitlab.train import TrainConfig, select_device, split_train_val, train, warmup_cosine
 
 
@@ -54,19 +57,74 @@ def test_training_learns_a_separable_problem_and_keeps_the_best_epoch():
     assert evaluate(model, va, norm, 2).accuracy == pytest.approx(result.best_val_accuracy)
 
 
-def test_same_seed_gives_identical_training_on_cpu():
+TINY_VIT = ("vit", {"num_classes": 2, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "dropout": 0.1})
+EVERY_AUGMENTATION = {
+    "augment": "randaugment",
+    "mixup_alpha": 0.2,
+    "cutmix_alpha": 1.0,
+    "random_erasing": 0.25,
+}
+
+
+def _run(spec: tuple[str, dict], data: Split, **options) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    cfg = TrainConfig(
+        **{"epochs": 2, "batch_size": 32, "warmup_epochs": 1, "device": "cpu", "seed": 5} | options
+    )
+    torch.manual_seed(0)  # the train stage seeds before building the model, so the init is fixed too
+    model = build_model(*spec)
+    torch.manual_seed(123)  # training must not depend on the global RNG state when it starts
+    history = train(model, data, None, Normalization.from_images(data.images), cfg).history
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in history], model.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("spec", "options"),
+    [
+        (TINY_VIT, {}),
+        (TINY_VIT, EVERY_AUGMENTATION),
+        (("cnn", {"num_classes": 2, "channels": [4, 8]}), EVERY_AUGMENTATION),  # channels_last
+    ],
+    ids=["vit", "vit-every-augmentation", "cnn-every-augmentation"],
+)
+def test_same_seed_gives_identical_training_on_cpu(spec, options):
     data = _separable_split(128, seed=1)
-    norm = Normalization.from_images(data.images)
-    cfg = TrainConfig(epochs=2, batch_size=32, warmup_epochs=1, device="cpu", seed=5)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(0)  # the train stage seeds before building the model, so the init is fixed too
-        model = build_model("vit", {"num_classes": 2, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16})
-        torch.manual_seed(123)  # training must not depend on the global RNG state when it starts
-        runs.append((train(model, data, None, norm, cfg).history, model.state_dict()))
-    (h1, w1), (h2, w2) = runs
-    assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
+    (h1, w1), (h2, w2) = _run(spec, data, **options), _run(spec, data, **options)
+    assert h1 == h2
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    h3, _ = _run(spec, data, **options | {"seed": 6})
+    assert h3 != h1
+
+
+def test_bf16_autocast_trains_a_float32_model():
+    data = _separable_split(64, seed=2)
+    fp32, _ = _run(TINY_VIT, data, amp="off")
+    bf16, weights = _run(TINY_VIT, data, amp="bf16")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert all(math.isfinite(row["train_loss"]) for row in bf16)
+    assert bf16 != fp32  # the forward pass really ran in bf16
+    assert bf16[0]["train_loss"] == pytest.approx(fp32[0]["train_loss"], abs=0.05)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on a CPU: about 20 s
+def test_compiled_model_trains_like_the_eager_one():
+    data = _separable_split(64, seed=3)
+    spec = ("mlp", {"num_classes": 2, "hidden": [8]})
+    (eager, w_eager), (compiled, w_compiled) = _run(spec, data), _run(spec, data, compile=True)
+    assert w_compiled.keys() == w_eager.keys()  # the model itself, not the compiled wrapper
+    for row, row_eager in zip(compiled, eager, strict=True):
+        assert row["train_loss"] == pytest.approx(row_eager["train_loss"], rel=1e-5)
+
+
+def test_a_time_budget_stops_training_and_anneals_the_learning_rate_by_the_clock():
+    data = _separable_split(128, seed=4)
+    norm = Normalization.from_images(data.images)
+    model = build_model(*TINY_VIT)
+    cfg = TrainConfig(epochs=10_000, warmup_epochs=100, batch_size=16, device="cpu", time_budget_s=2.0)
+    result = train(model, data, None, norm, cfg)
+    assert 2.0 <= result.wall_time_s < 60
+    assert 1 <= len(result.history) < cfg.epochs
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[-1] < 0.2 * cfg.learning_rate  # the cosine reached its end with the budget, not the epochs
 
 
 def test_unavailable_device_is_a_clear_error():
@@ -88,3 +146,23 @@ def test_evaluate_confusion_and_per_class_accuracy():
     assert result.per_class_accuracy == [1.0, 0.0, 0.0]
     assert result.confusion.tolist() == [[2, 0, 0], [1, 0, 0], [1, 0, 0]]
     assert result.predictions.tolist() == [0, 0, 0, 0]
+
+
+def test_every_train_param_reaches_the_train_config():
+    # The train stage passes params.train as TrainConfig(**...): the two must name the same options.
+    assert set(TrainParams.model_fields) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert TrainConfig(**TrainParams().model_dump()) == TrainConfig()  # and share their defaults
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"augment": "trivialaugment"}, "train.augment: got 'trivialaugment'"),
+        ({"random_erasing": 1.5}, "train.random_erasing: Input should be less than or equal to 1"),
+        ({"time_budget_s": 0}, "train.time_budget_s: Input should be greater than 0"),
+        ({"amp": "fp16"}, "train.amp: got 'fp16'"),
+    ],
+)
+def test_bad_train_options_are_one_line_errors_naming_the_key(train, message):
+    with pytest.raises(VitlabError, match=re.escape(message)):
+        parse_params({"train": train})

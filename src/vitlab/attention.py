@@ -1,8 +1,14 @@
-"""Where a ViT looks: per-head CLS attention maps and attention rollout, rendered to PNG.
+"""Where a model looks: per-head attention maps and attention rollout for ViTs, Grad-CAM for CNNs, as PNGs.
 
 Rollout follows Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers": average the heads, add
 the identity for the residual stream, renormalize rows, multiply the layers; the [CLS] row then says how much
-each input patch flowed into the representation the head classifies.
+each input patch flowed into the representation the head classifies. A ViT that mean-pools its tokens has
+no [CLS] token: its classifier reads the average of all token rows, so the maps average the query rows
+instead (the attention each patch receives), which for the rollout is exact.
+
+Both families are drawn in the same layout (one row per test image, the image titled with its prediction,
+then the maps overlaid on it, on one color scale), so a ViT's rollout and a CNN's Grad-CAM can be set side by
+side on the same images.
 """
 
 from __future__ import annotations
@@ -14,27 +20,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
-
-# The object-oriented API renders with Agg and keeps no global figure registry: nothing to close or leak.
-from matplotlib.figure import Figure
 from torch import nn
 
-from vitlab import io
 from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError
+from vitlab.figures import plot_overlays, prediction_title
+from vitlab.gradcam import find_target_layer, grad_cam
 from vitlab.models import model_spec
 
-CELL_INCHES = 1.8  # each image panel; at DPI this shows a 32x32 image upscaled ~5x
-DPI = 100
-CMAP = "inferno"
+RELATIVE = "relative to the map's maximum"
 
 
-def attention_rollout(weights: torch.Tensor) -> torch.Tensor:
-    """(depth, B, heads, T, T) attention -> (B, T-1): the [CLS] token's rolled-out attention to each patch.
+def attention_rollout(weights: torch.Tensor, cls_token: bool = True) -> torch.Tensor:
+    """(depth, B, heads, T, T) attention -> (B, patches): each patch's rolled-out share in the pooled token.
 
-    Each rolled-out row sums to 1 over all T tokens, so a row's patch entries sum to 1 minus what stays on
-    [CLS] itself.
+    With a [CLS] token that is its row (which sums to 1 over all T tokens, so the patch entries sum to 1
+    minus what stays on [CLS]); without one, the mean of all rows, as the classifier mean-pools the tokens.
     """
     tokens = weights.shape[-1]
     eye = torch.eye(tokens, dtype=weights.dtype, device=weights.device)
@@ -43,12 +44,13 @@ def attention_rollout(weights: torch.Tensor) -> torch.Tensor:
     rollout = layers[0]
     for layer in layers[1:]:
         rollout = layer @ rollout  # later layers mix the token mixtures of earlier ones
-    return rollout[:, 0, 1:]
+    return rollout[:, 0, 1:] if cls_token else rollout.mean(dim=1)
 
 
-def cls_attention(weights: torch.Tensor) -> torch.Tensor:
-    """(depth, B, heads, T, T) -> (depth, B, heads, T-1): each layer's and head's [CLS]-to-patch attention."""
-    return weights[..., 0, 1:]
+def patch_attention(weights: torch.Tensor, cls_token: bool = True) -> torch.Tensor:
+    """(depth, B, heads, T, T) -> (depth, B, heads, patches): the [CLS] row over patches, or without a
+    [CLS] token the mean of all query rows (the attention each patch receives)."""
+    return weights[..., 0, 1:] if cls_token else weights.mean(dim=-2)
 
 
 def render_attention(
@@ -59,65 +61,130 @@ def render_attention(
     norm: Normalization,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """Write ``layer_{i}.png`` (per layer: image, then each head's [CLS] map) and ``rollout.png``.
-
-    Returns a JSON-able summary; for a model without attention (CNN, MLP) writes nothing and says why.
+    """ViT: ``layer_{i}.png`` (per layer: image, then each head's map) and ``rollout.png``; a convolutional
+    model: ``gradcam.png`` in the rollout's layout. Returns a JSON-able summary; for a model with neither
+    attention nor a spatial feature map (an MLP) writes nothing and says why.
     """
-    arch = model_spec(model)["arch"]
-    if not hasattr(model, "forward_with_attention"):
-        return {"supported": False, "reason": f"{arch} has no attention"}
     if len(images_uint8) == 0:
         raise VitlabError("no images to render attention maps for")
-    out_dir = Path(out_dir)
+    arch = model_spec(model)["arch"]
     device = next(model.parameters()).device
+    x = norm.to_tensor(torch.as_tensor(images_uint8, device=device))
+    if hasattr(model, "forward_with_attention"):
+        return _render_vit(model, arch, x, images_uint8, labels, class_names, Path(out_dir))
+    target = find_target_layer(model, x)
+    if target is None:
+        return {"supported": False, "reason": f"{arch} has neither attention nor a spatial feature map"}
+    layer_name, layer = target
+    logits, cams = grad_cam(model, x, layer)
+    titles, correct = _titles(logits, labels, class_names)
+    side_h, side_w = cams.shape[-2:]
+    path = plot_overlays(
+        f"Grad-CAM of the predicted class\nat layer '{layer_name}' ({side_h}x{side_w} feature map)",
+        images_uint8,
+        titles,
+        correct,
+        [("Grad-CAM", cams.cpu().numpy())],
+        f"Grad-CAM {RELATIVE}",
+        Path(out_dir) / "gradcam.png",
+        smooth=True,
+    )
+    return {
+        "supported": True,
+        "arch": arch,
+        "method": "grad-cam",
+        "layer": layer_name,
+        "feature_grid": [side_h, side_w],
+        "images": len(images_uint8),
+        "correct": int(sum(correct)),
+        "files": [path.name],
+    }
+
+
+def _render_vit(
+    model: nn.Module,
+    arch: str,
+    x: torch.Tensor,
+    images_uint8: np.ndarray,
+    labels: Sequence[int],
+    class_names: list[str],
+    out_dir: Path,
+) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            x = norm.to_tensor(torch.as_tensor(images_uint8, device=device))
             logits, weights = model.forward_with_attention(x)
     finally:
         model.train(was_training)
     weights = weights.float().cpu()
-    probabilities = logits.float().softmax(dim=1).cpu()
-    confidence, predicted = probabilities.max(dim=1)
-    depth, _, heads, tokens, _ = weights.shape
-    side = math.isqrt(tokens - 1)
-    titles = [
-        f"true {class_names[int(t)]}\npred {class_names[int(p)]} {c:.0%}"
-        for t, p, c in zip(labels, predicted.tolist(), confidence.tolist(), strict=True)
-    ]
-
-    per_head = cls_attention(weights).reshape(depth, len(images_uint8), heads, side, side)
+    cls_token = model.cfg.pool == "cls"
+    depth, n, heads, _, _ = weights.shape
+    side = model.grid_size  # a conv stem makes its own grid: not always 32 / patch_size
+    query = "[CLS] attention" if cls_token else "mean attention received (no [CLS] token: mean pooling)"
+    titles, correct = _titles(logits, labels, class_names)
+    per_head = _relative(patch_attention(weights, cls_token)).reshape(depth, n, heads, side, side).numpy()
     files = []
     for layer in range(depth):
-        maps = [(f"head {h}", per_head[layer, :, h]) for h in range(heads)]
-        fig = _grid(f"layer {layer}: [CLS] attention per head", images_uint8, titles, maps)
-        files.append(_save(fig, out_dir / f"layer_{layer}.png"))
-    rollout = attention_rollout(weights)
-    fig = _grid(
-        "attention rollout over all layers",
+        path = plot_overlays(
+            f"layer {layer}: {query} per head",
+            images_uint8,
+            titles,
+            correct,
+            [(f"head {h}", per_head[layer, :, h]) for h in range(heads)],
+            f"attention {RELATIVE}",
+            out_dir / f"layer_{layer}.png",
+        )
+        files.append(path.name)
+    rollout = attention_rollout(weights, cls_token)
+    path = plot_overlays(
+        f"attention rollout over all {depth} layers"
+        + ("" if cls_token else " (mean of all tokens: no [CLS] token)"),
         images_uint8,
         titles,
-        [("rollout", rollout.reshape(-1, side, side))],
+        correct,
+        [("rollout", _relative(rollout).reshape(n, side, side).numpy())],
+        f"rollout {RELATIVE}",
+        out_dir / "rollout.png",
     )
-    files.append(_save(fig, out_dir / "rollout.png"))
-
+    files.append(path.name)
     return {
         "supported": True,
         "arch": arch,
+        "method": "attention",
+        "query": "cls" if cls_token else "mean",
         "layers": depth,
         "heads": heads,
-        "images": len(images_uint8),
+        "images": n,
         "patch_grid": [side, side],
-        "correct": int((predicted == torch.as_tensor(np.asarray(labels))).sum()),
+        "correct": int(sum(correct)),
         "files": files,
         # Entropies over patches scaled to [0, 1]: 1 is attention spread evenly, 0 all on one patch.
         "rollout_patch_entropy": round(float(_patch_entropy(rollout).mean()), 4),
-        "cls_patch_entropy_by_layer": [
-            round(float(v), 4) for v in _patch_entropy(cls_attention(weights)).mean(dim=(1, 2))
+        "patch_entropy_by_layer": [
+            round(float(v), 4) for v in _patch_entropy(patch_attention(weights, cls_token)).mean(dim=(1, 2))
         ],
     }
+
+
+def _titles(
+    logits: torch.Tensor, labels: Sequence[int], class_names: list[str]
+) -> tuple[list[str], list[bool]]:
+    """Each image's prediction and confidence (with the true class), and whether it is right."""
+    confidence, predicted = logits.detach().float().softmax(dim=1).max(dim=1)
+    titles, correct = [], []
+    for true, pred, conf in zip(labels, predicted.tolist(), confidence.tolist(), strict=True):
+        titles.append(prediction_title(class_names[pred], conf, class_names[int(true)]))
+        correct.append(pred == int(true))
+    return titles, correct
+
+
+def _relative(maps: torch.Tensor) -> torch.Tensor:
+    """Each map (last axis) divided by its maximum: where a head looks, on a common 0-1 scale.
+
+    Dividing by the maximum (not min-max) keeps a flat map flat instead of stretching noise into a pattern.
+    """
+    return maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _patch_entropy(attention: torch.Tensor) -> torch.Tensor:
@@ -127,38 +194,3 @@ def _patch_entropy(attention: torch.Tensor) -> torch.Tensor:
         return torch.zeros(attention.shape[:-1])
     p = attention / attention.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     return -torch.special.xlogy(p, p).sum(dim=-1) / math.log(patches)
-
-
-def _grid(
-    heading: str, images: np.ndarray, titles: list[str], maps: list[tuple[str, torch.Tensor]]
-) -> Figure:
-    """One row per image: the image, then each (name, (N, side, side)) map overlaid on it."""
-    rows, cols = len(images), 1 + len(maps)
-    fig = Figure(figsize=(CELL_INCHES * cols, CELL_INCHES * rows), dpi=DPI)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, image in enumerate(images):
-        _show(axes[i, 0], image, titles[i])
-        for j, (name, attention) in enumerate(maps, start=1):
-            _show(axes[i, j], image, name if i == 0 else "")
-            heat = attention[i].numpy()
-            # Min-max per map shows where each head looks, not how much: raw values shrink as patches grow.
-            heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
-            # The patch grid stretched over the image: nearest keeps each patch's square honest.
-            height, width = image.shape[:2]
-            extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-            axes[i, j].imshow(heat, cmap=CMAP, alpha=0.6, extent=extent, interpolation="nearest")
-    fig.suptitle(heading, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _show(ax: Axes, image: np.ndarray, title: str) -> None:
-    ax.imshow(image, interpolation="nearest")
-    ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
-
-
-def _save(fig: Figure, path: Path) -> str:
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path.name

@@ -101,6 +101,54 @@ def show_params(params: ParamsOption = Path("params.yaml")) -> None:
     typer.echo(json.dumps(load_params(params).model_dump(by_alias=True, mode="json"), indent=2))
 
 
+@app.command()
+def compare(
+    run: Annotated[
+        bool,
+        typer.Option("--run", help="first run the study: a ViT per --patch-sizes and the CNN (dvc exp run)"),
+    ] = False,
+    exp: Annotated[
+        list[str] | None, typer.Option("--exp", "-e", help="experiment to collect (repeatable; default: all)")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="run the others are paired with (default: the only CNN run)")
+    ] = None,
+    patch_sizes: Annotated[str, typer.Option(help="--run: ViT patch sizes, comma-separated")] = "2,4,8",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-S", help="--run: KEY=VALUE for every run of the study (repeatable)"),
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option(help="--run: experiment names are PREFIX-p2 ... PREFIX-cnn")
+    ] = "study",
+    force: Annotated[bool, typer.Option(help="--run: replace experiments of the same names")] = False,
+    resamples: Annotated[int, typer.Option(min=100, help="bootstrap resamples of the test images")] = 10_000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
+    out: Annotated[Path, typer.Option(help="folder for table.md, table.csv and the plots")] = Path(
+        "reports/compare"
+    ),
+) -> None:
+    """Compare experiments on the same test images: accuracy with 95% bootstrap intervals, paired difference
+    to the CNN baseline, accuracy vs patch size and validation curves (writes reports/compare/)."""
+    from vitlab.compare import run_study, study_variants
+    from vitlab.params import parse_params
+    from vitlab.stages import Layout, compare_experiments
+
+    names = list(exp or [])
+    if run:
+        try:
+            sizes = [int(p) for p in patch_sizes.split(",") if p.strip()]
+        except ValueError:
+            raise VitlabError(
+                f"--patch-sizes: expected comma-separated integers, got {patch_sizes!r}"
+            ) from None
+        for size in sizes:  # before any run starts, not when the first bad one does
+            parse_params({"model": {"patch_size": size}}, origin="--patch-sizes")
+        names += run_study(study_variants(sizes, prefix), set_ or [], force)
+        baseline = baseline or f"{prefix}-cnn"
+    compare_experiments(Layout(), names, baseline, resamples, seed, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning a VitlabError or OSError into one line on stderr and exit code 2."""
     try:

@@ -1,8 +1,9 @@
-"""Test-set evaluation: loss, accuracy, per-class accuracy and the confusion matrix."""
+"""Test-set evaluation: loss, accuracy, per-class accuracy, the confusion matrix and per-image results."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class EvalResult:
     confusion: np.ndarray  # (classes, classes): rows are true labels, columns predictions
     predictions: np.ndarray  # (N,) predicted labels
     confidences: np.ndarray  # (N,) probability of the predicted label
+    losses: np.ndarray  # (N,) cross-entropy of each image; their mean is ``loss``
 
 
 def evaluate(
@@ -58,11 +60,30 @@ def evaluate(
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (split.labels, predictions.numpy()), 1)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    losses = F.cross_entropy(logits, labels, reduction="none")
     return EvalResult(
-        loss=F.cross_entropy(logits, labels).item(),
+        loss=losses.mean().item(),
         accuracy=(predictions == labels).float().mean().item(),
         per_class_accuracy=per_class.tolist(),
         confusion=confusion,
         predictions=predictions.numpy(),
         confidences=confidences.numpy(),
+        losses=losses.numpy(),
     )
+
+
+def prediction_rows(result: EvalResult, labels: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    """One row per test image, in test-set order: what ``vitlab compare`` pairs runs by."""
+    return [
+        {
+            "index": i,
+            "label": class_names[int(t)],
+            "predicted": class_names[int(p)],
+            "confidence": round(float(c), 6),
+            "correct": int(t == p),
+            "loss": round(float(loss), 6),
+        }
+        for i, (t, p, c, loss) in enumerate(
+            zip(labels, result.predictions, result.confidences, result.losses, strict=True)
+        )
+    ]

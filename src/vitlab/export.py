@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 ATTENTION_NAME = "attention"
 INPUT_LAYOUT = "NCHW float32 RGB 32x32, x = (pixels/255 - mean)/std"
-ATTENTION_LAYOUT = "(depth, N, heads, T, T) softmax weights, T = patches + 1 (token 0 is CLS)"
+ATTENTION_LAYOUT = "(depth, N, heads, T, T) softmax weights; T = patches, + 1 with a CLS token (token 0)"
 QUANTIZATION_METHODS = ("dynamic", "static")
 
 
@@ -53,11 +54,15 @@ def export_onnx(
     opset: int = 18,
     metadata: dict[str, str] | None = None,
     with_attention: bool = False,
+    ort_fusions: bool = False,
 ) -> Path:
     """Write ``model`` as a single-file ONNX graph images (N, 3, 32, 32) -> logits (N, classes), any N.
 
     ``with_attention`` adds a second output, ``attention`` (depth, N, heads, T, T), the weights of
     ``forward_with_attention``, to draw attention maps from ONNX Runtime; only a ViT has it.
+
+    ``ort_fusions`` rewrites the graph with ONNX Runtime's fused operators (see ``fuse_for_onnxruntime``):
+    faster in ONNX Runtime, but no longer plain ONNX, so other runtimes cannot load it.
     """
     path = Path(path)
     spec = model_spec(model)
@@ -101,6 +106,9 @@ def export_onnx(
         model.train(was_training)
 
     proto = program.model_proto
+    if ort_fusions:
+        proto, fused = fuse_for_onnxruntime(proto)
+        props["ort_fusions"] = json.dumps(fused, sort_keys=True)
     onnx.helper.set_model_props(proto, props)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -112,6 +120,21 @@ def export_onnx(
         # Weights inline (no external data): one file to copy; these models are far below protobuf's 2 GB.
         onnx.save_model(proto, tmp, format="protobuf", save_as_external_data=False)
     return path
+
+
+def fuse_for_onnxruntime(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The graph rewritten with ONNX Runtime's contrib operators, and how many of each fusion applied.
+
+    onnxscript's ORT fusions turn each attention block into one MultiHeadAttention, residual add + LayerNorm
+    into SkipLayerNormalization and bias + erf-GELU into BiasGelu: a ViT's graph shrinks about 3x in nodes,
+    which is what batch-1 latency pays for, and MultiHeadAttention's CPU kernel beats the decomposed
+    MatMul-Softmax-MatMul at every batch size. ONNX Runtime's own load-time optimizer finds none of these
+    patterns in the dynamo exporter's output.
+    """
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, counts = optimize_for_ort(onnx_ir.from_proto(proto))
+    return onnx_ir.to_proto(model), {name: n for name, n in sorted(counts.items()) if n}
 
 
 def verify_onnx(

@@ -17,7 +17,28 @@ from vitlab.errors import VitlabError
 
 IMAGE_SIZE = 32
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
-ModelName = Literal["vit", "cnn", "mlp"]
+ModelName = Literal["vit", "cnn", "resnet", "mlp"]
+_VIT_KEYS = (
+    "patch_size",
+    "dim",
+    "depth",
+    "heads",
+    "head_dim",
+    "mlp_dim",
+    "dropout",
+    "stem",
+    "pool",
+    "pos_embed",
+    "drop_path",
+)
+# The params keys each architecture reads, by the name of the config key they set (vitlab.models): presets
+# are written in config keys, and stages.model_config builds configs from params with this table.
+ARCH_PARAMS: dict[str, dict[str, str]] = {
+    "vit": {key: key for key in _VIT_KEYS},
+    "cnn": {"channels": "cnn_channels", "dropout": "dropout"},
+    "resnet": {"widths": "resnet_widths", "blocks": "resnet_blocks", "dropout": "dropout"},
+    "mlp": {"hidden": "mlp_hidden", "dropout": "dropout"},
+}
 
 
 class Section(BaseModel):
@@ -58,6 +79,12 @@ class ValidateParams(Section):
 
 
 class ModelParams(Section):
+    """The model: a preset, or an architecture and its keys. A null key is unset: it takes the preset's value,
+    else its default. After validation every key holds the value the model is built with."""
+
+    preset: str | None = Field(
+        None, description="a named architecture (vitlab.models.presets); keys set beside it override it"
+    )
     name: ModelName = "vit"
     # ViT
     patch_size: int = Field(4, gt=0)
@@ -67,12 +94,53 @@ class ModelParams(Section):
     head_dim: int | None = Field(None, gt=0, description="per-head width; default dim // heads")
     mlp_dim: int = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # CNN and MLP baselines
+    stem: Literal["patch", "conv"] = Field("patch", description="conv: CCT's convolutional tokenizer")
+    pool: Literal["cls", "mean"] = Field("cls", description="mean: global average pooling, no CLS token")
+    pos_embed: Literal["learned", "sincos"] = Field("learned", description="sincos: fixed 2D sin-cos")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
+    # CNN, ResNet and MLP baselines
     cnn_channels: tuple[int, ...] = Field((16, 32), min_length=1)
+    resnet_widths: tuple[int, ...] = Field((16, 32, 64), min_length=1)
+    resnet_blocks: tuple[int, ...] = Field((3, 3, 3), min_length=1)
     mlp_hidden: tuple[int, ...] = Field((512, 256), min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        given = {key: value for key, value in raw.items() if value is not None}
+        if "preset" not in given:
+            return given
+        from vitlab.models.presets import PRESETS  # imports torch: only when a preset is used
+
+        name = given["preset"]
+        if name not in PRESETS:
+            raise ValueError(f"model.preset: got {name!r}; known presets: {', '.join(PRESETS)}")
+        preset = PRESETS[name]
+        if given.get("name", preset.arch) != preset.arch:
+            raise ValueError(
+                f"model.name={given['name']} contradicts model.preset={name} (a {preset.arch}); "
+                "leave model.name null when a preset is set"
+            )
+        keys = ARCH_PARAMS[preset.arch]
+        return {"name": preset.arch} | {keys[k]: v for k, v in preset.config.items()} | given
 
     @model_validator(mode="after")
     def _check_geometry(self) -> ModelParams:
+        """Only the keys the architecture reads: a resnet preset does not care about a stray model.dim."""
+        if self.name == "vit":
+            self._check_vit()
+        if self.name == "cnn" and len(self.cnn_channels) > 5:
+            raise ValueError("model.cnn_channels: at most 5 conv blocks fit a 32x32 image (each halves it)")
+        if self.name == "resnet" and len(self.resnet_widths) != len(self.resnet_blocks):
+            raise ValueError(
+                f"model.resnet_widths has {len(self.resnet_widths)} stages but model.resnet_blocks "
+                f"{len(self.resnet_blocks)}: give one block count per stage"
+            )
+        return self
+
+    def _check_vit(self) -> None:
         if IMAGE_SIZE % self.patch_size:
             allowed = [p for p in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % p == 0]
             raise ValueError(
@@ -84,9 +152,10 @@ class ModelParams(Section):
                 f"model.heads={self.heads} does not divide model.dim={self.dim}; "
                 "choose heads that divide dim or set model.head_dim"
             )
-        if len(self.cnn_channels) > 5:
-            raise ValueError("model.cnn_channels: at most 5 conv blocks fit a 32x32 image (each halves it)")
-        return self
+        if self.stem == "conv" and self.patch_size < 2:
+            raise ValueError("model.stem=conv halves the image per conv stage: model.patch_size must be >= 2")
+        if self.pos_embed == "sincos" and self.dim % 4:
+            raise ValueError(f"model.pos_embed=sincos needs model.dim divisible by 4 (got {self.dim})")
 
 
 class TrainParams(Section):
@@ -98,6 +167,19 @@ class TrainParams(Section):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     crop_padding: int = Field(4, ge=0, le=16)
     flip: bool = True
+    augment: Literal["none", "randaugment", "autoaugment"] = Field(
+        "none", description="policy on the uint8 images, batched on the device (torchvision v2)"
+    )
+    mixup_alpha: float = Field(0.0, ge=0.0, description="MixUp's Beta(alpha, alpha); 0: off")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix's Beta(alpha, alpha); 0: off")
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability per image")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast: auto turns it on on CUDA (it measured slower on CPU)"
+    )
+    compile: bool = Field(False, description="torch.compile the model (worth it on a GPU)")
+    time_budget_s: float | None = Field(
+        None, gt=0.0, description="stop after so many seconds; the LR schedule follows time (not repeatable)"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
     resume: bool = Field(
@@ -115,6 +197,7 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     batch_size: int = Field(512, gt=0)
+    num_mistakes: int = Field(16, gt=0, le=64, description="most confident mistakes drawn in mistakes.png")
 
 
 class AttentionParams(Section):
@@ -129,6 +212,12 @@ class ExportParams(Section):
         "dynamic", description="int8 method: dynamic (MatMul weights) or static (QDQ, calibrated)"
     )
     max_int8_accuracy_drop: float = Field(1.0, ge=0.0, description="test accuracy points int8 may lose")
+    ort_fusions: bool = Field(
+        True, description="rewrite with ONNX Runtime's fused operators (faster; loads in ONNX Runtime only)"
+    )
+    attention_model: bool = Field(
+        True, description="also export a ViT with its attention weights as a second output"
+    )
 
 
 class InferenceParams(Section):

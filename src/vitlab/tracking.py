@@ -3,6 +3,9 @@
 Mode: the user's ``WANDB_MODE`` when set; otherwise ``online`` if an API key is configured (``WANDB_API_KEY``
 or a ``wandb login``), else ``offline`` (runs are written under ./wandb and can be synced later with
 ``wandb sync``). Any W&B failure becomes one warning and training goes on untracked.
+
+Each stage that logs (train, evaluate, attention) is its own run, told apart by ``job_type``; inside
+``dvc exp run`` all of an experiment's runs share its name as their W&B group.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Tracker:
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", "vitlab"),
             name=os.environ.get("DVC_EXP_NAME") or None,
+            group=os.environ.get("DVC_EXP_NAME") or None,
             job_type=job_type,
             config=config,
             mode=mode,
@@ -68,10 +72,34 @@ class Tracker:
         self._call(lambda: self.run.log(metrics, step=step))
 
     def log_images(self, images: dict[str, str | Path], step: int | None = None) -> None:
+        """Log picture files as media: a PNG as an image, a GIF as a video (an image would keep one frame)."""
+
         def _log() -> None:
             import wandb
 
-            self.run.log({k: wandb.Image(str(v)) for k, v in images.items()}, step=step)
+            media = {
+                key: wandb.Video(str(path), format="gif")
+                if Path(path).suffix.lower() == ".gif"
+                else wandb.Image(str(path))
+                for key, path in images.items()
+            }
+            self.run.log(media, step=step)
+
+        self._call(_log)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log a W&B table; a cell holding an (H, W, 3) uint8 array is logged as an image."""
+
+        def _log() -> None:
+            import numpy as np
+            import wandb
+
+            def cell(value: Any) -> Any:
+                is_image = isinstance(value, np.ndarray) and value.ndim == 3
+                return wandb.Image(value) if is_image else value
+
+            table = wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])
+            self.run.log({key: table})
 
         self._call(_log)
 

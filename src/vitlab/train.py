@@ -1,15 +1,26 @@
 """Training: AdamW, linear warmup + cosine decay, batched on-device augmentation, best-on-validation weights.
 
 The whole training split sits in memory as one uint8 tensor on the training device; each step indexes a batch,
-augments it there and normalizes it, so no per-image Python work happens in the loop.
+augments it there (vitlab.data.augment) and feeds it to the model, so no per-image Python work happens in the
+loop. On CUDA the step runs under bf16 autocast (``amp``) with TF32 matmuls; conv nets run channels_last on
+every device (measured faster on CPU too); ``compile`` puts the model through ``torch.compile``.
 
 A run can be resumed: after every epoch the whole training state (weights, optimizer, schedule, history, best
 epoch and every random generator) is saved, so a run killed at any moment continues after its last complete
-epoch and ends bit-identical to one that was never interrupted.
+epoch and ends bit-identical to one that was never interrupted (on CPU; GPU kernels may not be deterministic).
+
+Under ``torchrun`` the same call trains on every process with DistributedDataParallel (vitlab.distributed):
+``batch_size`` is the global batch, split evenly over the processes, so the schedule does not depend on how
+many there are (nor, augmentation draws aside, the result); only rank 0 saves state and reports epochs.
+
+With ``time_budget_s`` training stops when that much wall-clock time is spent (or after ``epochs``), and the
+learning-rate schedule follows the elapsed share of the budget instead of the step count; such a run depends
+on the machine's speed, so it is not reproducible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,8 +40,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vitlab.checkpoint import UNREADABLE, Normalization, save_torch
-from vitlab.data.augment import random_crop_flip
+from vitlab.data.augment import BatchAugment
 from vitlab.data.prepared import Split
+from vitlab.distributed import World, process_group
 from vitlab.errors import VitlabError
 from vitlab.evaluate import predict_logits
 from vitlab.models import model_spec
@@ -39,13 +51,20 @@ from vitlab.models import model_spec
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 128  # global: a DDP run gives each of its processes an equal share
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.1
     crop_padding: int = 4
     flip: bool = True
+    augment: str = "none"  # none | randaugment | autoaugment (vitlab.data.augment.POLICIES)
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off; both on: one of the two per batch
+    random_erasing: float = 0.0  # probability per image
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere: bf16 measured slower on CPU) | bf16 | off
+    compile: bool = False
+    time_budget_s: float | None = None  # stop after this many seconds; the schedule follows the time
     device: str = "auto"
     seed: int = 0
     resume: bool = True  # continue from a state file of this same run; the result is the same either way
@@ -103,6 +122,32 @@ def _quiet() -> bool:
     return bool(os.environ.get("CI")) or not sys.stderr.isatty()
 
 
+class _Clock:
+    """Seconds of training so far, earlier sessions of a resumed run included. Under DDP every process reads
+    rank 0's clock, so that all of them stop at the same step and set the same learning rate."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.earlier_s = self.elapsed_s = 0.0
+        self._start = time.perf_counter()
+
+    def start(self, earlier_s: float) -> None:
+        self.earlier_s, self._start = earlier_s, time.perf_counter()
+
+    def tick(self) -> float:
+        self.elapsed_s = self.world.broadcast(self.earlier_s + time.perf_counter() - self._start)
+        return self.elapsed_s
+
+
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int, clock: _Clock) -> Callable[[int], float]:
+    """The schedule over steps, or with a time budget over milliseconds spent (warmup: the same share)."""
+    if cfg.time_budget_s is None:
+        return warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    budget_ms = round(cfg.time_budget_s * 1000)
+    by_time = warmup_cosine(round(cfg.warmup_epochs / cfg.epochs * budget_ms), budget_ms)
+    return lambda _step: by_time(int(clock.elapsed_s * 1000))
+
+
 def train(
     model: nn.Module,
     train_split: Split,
@@ -122,61 +167,47 @@ def train(
     ``torch.load(weights_only=True)``). If ``cfg.resume`` is on and the file holds a state of this same run
     (``run_digest``), training continues after its last epoch; any other file is ignored and overwritten.
     The file is left in place: the caller deletes it once the final outputs are saved.
+
+    Under torchrun (RANK, WORLD_SIZE set) every process calls this with the same arguments; rank 0 alone
+    writes the state and calls ``on_epoch``.
     """
-    torch.manual_seed(cfg.seed)
-    device = select_device(cfg.device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    digest = run_digest(model, train_split, val_split, norm, cfg) if state_path is not None else ""
-    model.to(device)
-    images = torch.as_tensor(train_split.images).to(device)  # uint8 (N, 32, 32, 3)
-    labels = torch.as_tensor(train_split.labels).to(device)
-    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    with process_group(select_device(cfg.device)) as world:
+        return _train(model, train_split, val_split, norm, cfg, world, on_epoch, state_path)
+
+
+def _train(
+    model: nn.Module,
+    train_split: Split,
+    val_split: Split | None,
+    norm: Normalization,
+    cfg: TrainConfig,
+    world: World,
+    on_epoch: Callable[[dict[str, float]], Any] | None,
+    state_path: str | Path | None,
+) -> TrainResult:
+    if cfg.batch_size % world.size:
+        raise VitlabError(
+            f"train.batch_size={cfg.batch_size} must be a multiple of the {world.size} training processes"
+        )
+    torch.manual_seed(cfg.seed + world.rank)  # dropout masks differ from one process to the next
+    digest = (
+        run_digest(model, train_split, val_split, norm, cfg, world.size) if state_path is not None else ""
     )
-    result = TrainResult(device=str(device))
+    run = _Run(model, train_split, norm, cfg, world)
+    result = TrainResult(device=str(world.device))
     best_state = None
     first_epoch, earlier_s = 1, 0.0
-    state = _load_state(Path(state_path), digest, cfg) if state_path is not None else None
+    state = _load_state(Path(state_path), digest, cfg, world) if state_path is not None else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"], generator, device)
+        run.restore(state)
         result.history, best_state = state["history"], state["best_model"]
         result.best_epoch, result.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
         first_epoch, earlier_s = state["epoch"] + 1, state["wall_time_s"]
-    start = time.perf_counter()
+    run.start(earlier_s)
     for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
-        epoch_start = time.perf_counter()
-        order = torch.randperm(len(labels), generator=generator).to(device)
-        loss_sum = correct = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=_quiet())
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = random_crop_flip(norm.to_tensor(images[idx]), cfg.crop_padding, cfg.flip, generator)
-            y = labels[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        seconds = time.perf_counter() - epoch_start
-        row = {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / len(labels),
-            "train_accuracy": correct / len(labels),
-            "images_per_s": len(labels) / seconds,
-        }
+        row = run.train_epoch(epoch)
         if val_split is not None:
-            val_logits = predict_logits(model, val_split.images, norm, 512, device)
+            val_logits = predict_logits(model, val_split.images, norm, 512, world.device)
             val_labels = torch.as_tensor(val_split.labels)
             row["val_loss"] = F.cross_entropy(val_logits, val_labels).item()
             row["val_accuracy"] = (val_logits.argmax(1) == val_labels).float().mean().item()
@@ -186,35 +217,177 @@ def train(
             best_state = copy.deepcopy(model.state_dict())
         result.history.append(row)
         if state_path is not None:
-            save_torch(
-                state_path,
-                {
-                    "digest": digest,
-                    "epoch": epoch,
-                    "wall_time_s": earlier_s + time.perf_counter() - start,
-                    "model": _on_cpu(model.state_dict()),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": result.history,
-                    "best_epoch": result.best_epoch,
-                    "best_val_accuracy": result.best_val_accuracy,
-                    "best_model": _on_cpu(best_state),
-                    "rng": _rng_states(generator, device),
-                },
-            )
-        if on_epoch is not None:
-            on_epoch(row)
-        print(_epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
-    result.wall_time_s = earlier_s + time.perf_counter() - start
+            progress = {
+                "digest": digest,
+                "epoch": epoch,
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "best_val_accuracy": result.best_val_accuracy,
+                "best_model": _on_cpu(best_state),
+            }
+            run.save_state(state_path, progress)
+        if world.is_main:
+            if on_epoch is not None:
+                on_epoch(row)
+            print(_epoch_line(row, cfg.epochs), file=sys.stderr, flush=True)
+        if run.out_of_time():
+            break
+    result.wall_time_s = run.clock.tick()
     model.load_state_dict(best_state)
     return result
 
 
+class _Run:
+    """The moving parts of one run on one process: data on the device, augmentation, model (wrapped for DDP
+    and compiled as asked), optimizer, schedule and random generators."""
+
+    def __init__(
+        self, model: nn.Module, train_split: Split, norm: Normalization, cfg: TrainConfig, world: World
+    ):
+        self.model, self.cfg, self.world, device = model, cfg, world, world.device
+        _speed_up(device)
+        self.generator = torch.Generator().manual_seed(cfg.seed + world.rank)  # augmentation, per process
+        self.channels_last = _is_conv_net(model)
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.images = torch.as_tensor(train_split.images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8
+        self.labels = torch.as_tensor(train_split.labels).to(device)
+        self.sampler = world.sampler(len(self.labels), cfg.seed)
+        self.local_batch = cfg.batch_size // world.size
+        self.steps_per_epoch = math.ceil(len(self.sampler) / self.local_batch)
+        mixing = cfg.mixup_alpha or cfg.cutmix_alpha
+        self.augment = BatchAugment(
+            norm,
+            model_spec(model)["config"]["num_classes"] if mixing else 0,
+            cfg.augment,
+            cfg.crop_padding,
+            cfg.flip,
+            cfg.random_erasing,
+            cfg.mixup_alpha,
+            cfg.cutmix_alpha,
+        )
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        self.clock = _Clock(world)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_factor(cfg, self.steps_per_epoch, self.clock)
+        )
+        self.net = model
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_states(state["rng"][self.world.rank], self.generator, self.world.device)
+
+    def start(self, earlier_s: float) -> None:
+        """Wrap the (restored) model for DDP, which starts by copying rank 0's weights everywhere; compile."""
+        self.net = self.world.wrap(self.model)
+        if self.cfg.compile:
+            self.net = torch.compile(self.net)
+        self.clock.start(earlier_s)
+
+    def out_of_time(self) -> bool:
+        return self.cfg.time_budget_s is not None and self.clock.tick() >= self.cfg.time_budget_s
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this process's share of the data (less if the time budget ends it): its row."""
+        cfg, world, device = self.cfg, self.world, self.world.device
+        self.sampler.set_epoch(epoch)
+        order = torch.as_tensor(list(self.sampler), device=device)
+        self.net.train()
+        start = time.perf_counter()
+        totals = torch.zeros(2, device=device)  # loss sum, correct predictions: this process's
+        seen = 0  # images, the same number in every process
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            leave=False,
+            disable=_quiet() or not world.is_main,
+        )
+        for step in bar:
+            if step > 0 and self.out_of_time():
+                break
+            idx = order[step * self.local_batch : (step + 1) * self.local_batch]
+            y = self.labels[idx]
+            x, targets = self.augment(self.images.index_select(0, idx), y, self.generator)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(cfg.amp, device):
+                logits = self.net(x)
+                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            totals += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
+            seen += len(y)
+            if not bar.disable:  # reading the loss waits for the device: only for a visible bar
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    img_s=f"{seen * world.size / (time.perf_counter() - start):.0f}",
+                )
+        loss_sum, correct = world.sum(totals).tolist()
+        seen *= world.size
+        return {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "images_per_s": seen / (time.perf_counter() - start),
+            "images": seen,  # fewer than the split in an epoch cut short by the time budget
+        }
+
+    def save_state(self, path: str | Path, progress: dict[str, Any]) -> None:
+        """Rank 0 writes ``progress`` with the weights, optimizer, schedule and every process's generators."""
+        rng = self.world.gather(_rng_states(self.generator, self.world.device))  # collectives: all take part
+        elapsed_s = self.clock.tick()
+        if self.world.is_main:
+            save_torch(
+                path,
+                progress
+                | {
+                    "wall_time_s": elapsed_s,
+                    "model": _on_cpu(self.model.state_dict()),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": rng,
+                },
+            )
+
+
+def _speed_up(device: torch.device) -> None:
+    """TF32 matmuls and convolutions, and cuDNN's autotuner, on CUDA (CPU results stay bit-reproducible)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    on = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def _is_conv_net(model: nn.Module) -> bool:
+    """More than one convolution: a CNN or a conv stem (a ViT's patch embedding alone is one)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
 def run_digest(
-    model: nn.Module, train_split: Split, val_split: Split | None, norm: Normalization, cfg: TrainConfig
+    model: nn.Module,
+    train_split: Split,
+    val_split: Split | None,
+    norm: Normalization,
+    cfg: TrainConfig,
+    world_size: int = 1,
 ) -> str:
-    """A fingerprint of everything a run's result depends on: architecture, starting weights, data, config."""
-    config = {k: v for k, v in asdict(cfg).items() if k != "resume"}
+    """A fingerprint of everything a run's result depends on: architecture, starting weights, data, config
+    and the number of processes (each has its own random streams)."""
+    config = {k: v for k, v in asdict(cfg).items() if k != "resume"} | {"world_size": world_size}
     digest = hashlib.sha256(json.dumps([model_spec(model), config, asdict(norm)], sort_keys=True).encode())
     arrays = [t.detach().cpu().contiguous().numpy() for t in model.state_dict().values()]
     for split in (train_split, val_split):
@@ -226,24 +399,28 @@ def run_digest(
     return digest.hexdigest()
 
 
-def _load_state(path: Path, digest: str, cfg: TrainConfig) -> dict[str, Any] | None:
+def _load_state(path: Path, digest: str, cfg: TrainConfig, world: World) -> dict[str, Any] | None:
     """The state saved at ``path`` if training should continue from it, else None (saying why on stderr)."""
     if not path.is_file():
         return None
     if not cfg.resume:
-        return _fresh(f"train.resume is off: starting fresh (replacing {path})")
+        return _fresh(f"train.resume is off: starting fresh (replacing {path})", world)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE as error:
-        return _fresh(f"{path}: unreadable training state ({type(error).__name__}); starting fresh")
+        return _fresh(f"{path}: unreadable training state ({type(error).__name__}); starting fresh", world)
     if not isinstance(state, dict) or state.get("digest") != digest:
-        return _fresh(f"{path}: state of another run (model, data or train params differ); starting fresh")
-    print(f"resuming from {path} after epoch {state['epoch']}/{cfg.epochs}", file=sys.stderr, flush=True)
+        return _fresh(
+            f"{path}: state of another run (model, data or train params differ); starting fresh", world
+        )
+    if world.is_main:
+        print(f"resuming from {path} after epoch {state['epoch']}/{cfg.epochs}", file=sys.stderr, flush=True)
     return state
 
 
-def _fresh(reason: str) -> None:
-    print(reason, file=sys.stderr, flush=True)
+def _fresh(reason: str, world: World) -> None:
+    if world.is_main:
+        print(reason, file=sys.stderr, flush=True)
     return None
 
 

@@ -1,7 +1,7 @@
 """Model registry: build any architecture from its name and a plain dict of its config.
 
 Checkpoints store ``{"arch": name, "config": asdict(cfg)}`` beside the weights, so a checkpoint rebuilds its
-own model without params.yaml.
+own model without params.yaml. Named configurations live in ``vitlab.models.presets``.
 """
 
 from __future__ import annotations
@@ -14,25 +14,41 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.models.cnn import CNN, CNNConfig
 from vitlab.models.mlp import MLP, MLPConfig
+from vitlab.models.presets import PRESETS, Preset
+from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import ViT, ViTConfig
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "vit": (ViTConfig, ViT),
     "cnn": (CNNConfig, CNN),
+    "resnet": (ResNetConfig, ResNet),
     "mlp": (MLPConfig, MLP),
 }
 
+__all__ = [
+    "ARCHITECTURES",
+    "PRESETS",
+    "Preset",
+    "build_model",
+    "count_parameters",
+    "model_spec",
+    "preset_spec",
+]
+
 
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    if arch not in ARCHITECTURES:
-        raise VitlabError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
-    config_cls, model_cls = ARCHITECTURES[arch]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(config) - fields
-    if unknown:
-        raise VitlabError(f"{arch} config has unknown keys: {', '.join(sorted(unknown))}")
+    config_cls, model_cls = ARCHITECTURES[_check_config(arch, config)]
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     return model_cls(config_cls(**values))
+
+
+def preset_spec(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
+    """The (arch, config) of a preset, with ``overrides`` replacing its values key by key."""
+    if name not in PRESETS:
+        raise VitlabError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    preset = PRESETS[name]
+    config = preset.config | overrides
+    return _check_config(preset.arch, config), config
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -51,3 +67,13 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _check_config(arch: str, config: dict[str, Any]) -> str:
+    if arch not in ARCHITECTURES:
+        raise VitlabError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[arch][0])}
+    unknown = set(config) - fields
+    if unknown:
+        raise VitlabError(f"{arch} config has unknown keys: {', '.join(sorted(unknown))}")
+    return arch

@@ -1,0 +1,307 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_wandb import use_fake_run
+from PIL import Image
+from png_checks import assert_picture
+
+from vitlab import compare
+from vitlab.compare import RunRecord
+from vitlab.errors import VitlabError
+from vitlab.stats import bootstrap_ci, paired_bootstrap_diff
+
+N = 200
+LABELS = [f"class_{i % 10}" for i in range(N)]
+
+
+def _correct(accuracy: float, seed: int) -> np.ndarray:
+    flags = np.zeros(N, dtype=int)
+    flags[np.random.default_rng(seed).choice(N, round(accuracy * N), replace=False)] = 1
+    return flags
+
+
+def _record(
+    name: str, arch: str, patch: int | None, correct: np.ndarray, labels: list[str] = LABELS, **kw
+) -> RunRecord:
+    n = len(correct)
+    predictions = pd.DataFrame(
+        {
+            "index": range(n),
+            "label": labels[:n],
+            "predicted": [label if c else "other" for label, c in zip(labels, correct, strict=False)],
+            "confidence": 0.8,
+            "correct": correct,
+            "loss": np.where(correct == 1, 0.5, 2.0),
+        }
+    )
+    epochs = kw.get("epochs", 3)
+    history = pd.DataFrame(
+        {
+            "epoch": range(1, epochs + 1),
+            "val_loss": np.linspace(2.0, 1.0, epochs),
+            "val_accuracy": np.linspace(0.2, correct.mean(), epochs),
+        }
+    )
+    return RunRecord(name, kw.get("model", arch), arch, patch, kw.get("params", 1000), predictions, history)
+
+
+@pytest.fixture
+def study() -> list[RunRecord]:
+    return [
+        _record("cnn", "cnn", None, _correct(0.55, 0), params=20_000),
+        _record("p8", "vit", 8, _correct(0.40, 1)),
+        _record("p2", "vit", 2, _correct(0.60, 2)),
+        _record("p4", "vit", 4, _correct(0.50, 3)),
+    ]
+
+
+def test_rows_give_accuracy_loss_and_the_paired_difference_to_the_cnn(study):
+    rows = compare.compare_runs(study, resamples=2000)
+    assert [r.run for r in rows] == ["p2", "p4", "p8", "cnn"]  # ViTs by patch size, then the rest
+    by_name = {r.run: r for r in rows}
+    cnn = study[0].predictions["correct"].to_numpy(float)
+    for record in study:
+        row = by_name[record.name]
+        correct = record.predictions["correct"].to_numpy(float)
+        assert row.test_accuracy == bootstrap_ci(correct, resamples=2000)
+        assert row.test_loss.estimate == pytest.approx(record.predictions["loss"].mean())
+        assert (row.num_parameters, row.epochs, row.test_images) == (record.num_parameters, 3, N)
+        if record.name == "cnn":
+            assert row.vs_baseline is None
+        else:
+            assert row.vs_baseline == paired_bootstrap_diff(correct, cnn, resamples=2000)
+    assert by_name["p2"].vs_baseline.estimate == pytest.approx(0.05)
+    assert by_name["p8"].vs_baseline.high < 0  # 15 points worse on 200 images: resolved
+
+
+def test_runs_are_paired_by_test_image_index_not_by_row_order(study):
+    shuffled = study[1].predictions.sample(frac=1.0, random_state=0)
+    reordered = [study[0], RunRecord(**{**study[1].__dict__, "predictions": shuffled}), *study[2:]]
+    assert compare.compare_runs(reordered, resamples=500) == compare.compare_runs(study, resamples=500)
+
+
+def test_runs_on_different_test_sets_are_refused(study):
+    smaller = _record("small", "vit", 4, _correct(0.5, 4)[:150])
+    with pytest.raises(VitlabError, match=r"runs 'cnn' and 'small' were evaluated on different test sets \("):
+        compare.compare_runs([study[0], smaller])
+    relabelled = _record("relabelled", "vit", 4, _correct(0.5, 4), labels=LABELS[1:] + LABELS[:1])
+    with pytest.raises(VitlabError, match=f"the true labels of {N} of {N} images differ"):
+        compare.compare_runs([study[0], relabelled])
+
+
+def test_baseline_is_the_only_cnn_unless_named(study):
+    assert compare.pick_baseline(study, None) == "cnn"
+    assert compare.pick_baseline(study, "p4") == "p4"
+    rows = compare.compare_runs(study, baseline="p4", resamples=500)
+    assert [r.run for r in rows if r.vs_baseline is None] == ["p4"]
+    with pytest.raises(VitlabError, match="baseline 'nope' is not among the runs"):
+        compare.pick_baseline(study, "nope")
+    two_cnns = [*study, _record("resnet", "resnet", None, _correct(0.7, 5))]
+    with pytest.raises(VitlabError, match=r"several CNN runs \(cnn, resnet\): choose the baseline"):
+        compare.pick_baseline(two_cnns, None)
+
+
+def test_without_a_cnn_there_are_no_differences(study):
+    rows = compare.compare_runs(study[1:], resamples=500)
+    assert all(r.vs_baseline is None for r in rows)
+    assert "| p2 | vit | 2 |" in compare.table_markdown(rows, None, 500, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.drop(columns=["loss"]), "p2: predictions lack the columns loss"),
+        (lambda p: pd.concat([p, p.head(1)]), "p2: predictions must list each test image once"),
+        (lambda p: p.head(0), "p2: predictions must list each test image once"),
+    ],
+)
+def test_malformed_predictions_are_refused(change, message):
+    record = _record("p2", "vit", 2, _correct(0.5, 0))
+    broken = RunRecord(**{**record.__dict__, "predictions": change(record.predictions)})
+    with pytest.raises(VitlabError, match=message):
+        compare.compare_runs([broken])
+
+
+def test_no_runs_or_duplicate_names_are_refused(study):
+    with pytest.raises(VitlabError, match="no runs to compare"):
+        compare.compare_runs([])
+    with pytest.raises(VitlabError, match="run names must be unique"):
+        compare.compare_runs([study[0], study[0]])
+
+
+def test_write_comparison_writes_the_tables_and_plots(study, tmp_path):
+    rows = compare.write_comparison(study, tmp_path / "out", resamples=1000, seed=1)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_vs_patch.png",
+        "table.csv",
+        "table.md",
+        "val_curves.png",
+    ]
+    table = pd.read_csv(out / "table.csv")
+    assert tuple(table.columns) == compare.TABLE_FIELDS
+    assert table["run"].tolist() == ["p2", "p4", "p8", "cnn"]
+    assert table["test_accuracy"].tolist() == pytest.approx([0.6, 0.5, 0.4, 0.55])
+    assert table["accuracy_vs_baseline"].tolist()[:3] == pytest.approx([0.05, -0.05, -0.15])
+    assert np.isnan(table["accuracy_vs_baseline"].iloc[3]) and (table["baseline"] == "cnn").all()
+    assert (table["test_accuracy_low"] < table["test_accuracy"]).all()
+    assert (table["test_accuracy"] < table["test_accuracy_high"]).all()
+    assert table["patch_size"].tolist()[:3] == [2, 4, 8]
+
+    markdown = (out / "table.md").read_text().splitlines()
+    assert markdown[0].startswith("| run | model | patch | params | epochs | test loss (95% CI)")
+    assert "vs cnn: Δ accuracy (95% CI)" in markdown[0]
+    p2 = rows[0]
+    assert markdown[2] == (
+        f"| p2 | vit | 2 | 1,000 | 3 | 1.100 [{p2.test_loss.low:.3f}, {p2.test_loss.high:.3f}] "
+        f"| 60.0% [{100 * p2.test_accuracy.low:.1f}, {100 * p2.test_accuracy.high:.1f}] "
+        f"| +5.0 pts [{100 * p2.vs_baseline.low:+.1f}, {100 * p2.vs_baseline.high:+.1f}] |"
+    )
+    assert markdown[5] == "| cnn | cnn | – | 20,000 | 3 | 1.175 [" + markdown[5].split("[", 1)[1]
+    assert markdown[5].endswith("| baseline |")
+    assert "200 test images" in markdown[7] and "1,000 resamples, seed 1" in markdown[7]
+
+    assert_picture(out / "accuracy_vs_patch.png", (700, 450))
+    assert_picture(out / "val_curves.png", (1200, 450))
+
+
+def test_parse_record_reads_the_files_a_run_leaves():
+    predictions = "index,label,predicted,confidence,correct,loss\n0,cat,cat,0.9,1,0.1\n1,dog,cat,0.6,0,0.9\n"
+    history = "epoch\tlr\ttrain_loss\tval_loss\tval_accuracy\n1\t0.001\t2.0\t1.9\t0.3\n"
+    model = json.dumps({"arch": "vit", "config": {"patch_size": 4}, "num_parameters": 1234})
+    record = compare.parse_record("p4", predictions, history, model, {"model": {"name": "vit"}})
+    assert (record.name, record.model, record.arch, record.patch_size, record.num_parameters) == (
+        "p4",
+        "vit",
+        "vit",
+        4,
+        1234,
+    )
+    assert record.predictions["correct"].tolist() == [1, 0]
+    assert record.history["val_accuracy"].tolist() == [0.3]
+    cnn = json.dumps({"arch": "cnn", "config": {"channels": [16, 32]}, "num_parameters": 99})
+    preset = compare.parse_record("c", predictions, history, cnn, {"model": {"preset": "cnn-small"}})
+    assert (preset.model, preset.patch_size) == ("cnn-small", None)
+
+
+def test_study_variants_are_one_vit_per_patch_size_and_the_cnn():
+    assert compare.study_variants([2, 8], "s") == {
+        "s-p2": ["model.name=vit", "model.patch_size=2"],
+        "s-p8": ["model.name=vit", "model.patch_size=8"],
+        "s-cnn": ["model.name=cnn"],
+    }
+
+
+def test_compare_command_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from vitlab.cli import main
+
+    assert main(["compare", "--run", "--patch-sizes", "2,x"]) == 2
+    assert capsys.readouterr().err == "error: --patch-sizes: expected comma-separated integers, got '2,x'\n"
+    assert main(["compare", "--run", "--patch-sizes", "2,5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --patch-sizes: model.patch_size=5 does not divide")
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot list the DVC experiments of . (") and error.count("\n") == 1
+
+
+# --- through DVC: a fake pipeline whose one stage writes what the real evaluate and train stages write ----
+
+FAKE_STAGE = """
+import json, pathlib, yaml
+from PIL import Image
+model = yaml.safe_load(open("params.yaml"))["model"]
+n, patch = 60, model["patch_size"] if model["name"] == "vit" else 0
+hits = {"vit": 30 + patch, "cnn": 35}[model["name"]]
+rows = [f"{i},c{i % 3},{'c%d' % (i % 3) if i < hits else 'x'},0.5,{int(i < hits)},{0.5 if i < hits else 2.0}"
+        for i in range(n)]
+pathlib.Path("reports/eval").mkdir(parents=True, exist_ok=True)
+pathlib.Path("reports/train").mkdir(parents=True, exist_ok=True)
+pathlib.Path("reports/eval/predictions.csv").write_text(
+    "index,label,predicted,confidence,correct,loss\\n" + "\\n".join(rows) + "\\n")
+pathlib.Path("reports/train/history.tsv").write_text("epoch\\tval_loss\\tval_accuracy\\n1\\t1.0\\t0.5\\n")
+config = {"patch_size": patch} if model["name"] == "vit" else {}
+pathlib.Path("reports/eval/model.json").write_text(
+    json.dumps({"arch": model["name"], "config": config, "num_parameters": 100 + patch}))
+picture = "rollout.png" if model["name"] == "vit" else "gradcam.png"
+pathlib.Path("reports/attention").mkdir(parents=True, exist_ok=True)
+color = (255, 0, 0) if model["name"] == "vit" else (0, 0, 255)
+Image.new("RGB", (4, 4), color).save(f"reports/attention/{picture}")
+pathlib.Path("reports/attention/summary.json").write_text(
+    json.dumps({"supported": True, "files": ["layer_0.png", picture]}))
+"""
+
+DVC_YAML = """
+stages:
+  fake:
+    cmd: python fake_stage.py
+    deps: [fake_stage.py]
+    params: [model]
+    outs:
+      - reports/eval/predictions.csv: {cache: false}
+      - reports/eval/model.json: {cache: false}
+      - reports/train/history.tsv: {cache: false}
+      - reports/attention: {cache: false}
+"""
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monkeypatch, capsys):
+    from vitlab.cli import main
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "fake_stage.py").write_text(FAKE_STAGE)
+    (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
+    (root / "params.yaml").write_text("model:\n  name: vit\n  patch_size: 4\n")
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "tests@vitlab.invalid")
+    _git(root, "config", "user.name", "vitlab tests")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    _git(root, "add", ".")
+    _git(root, "commit", "-q", "-m", "fake pipeline")
+
+    names = compare.run_study(compare.study_variants([2, 8], "t"), repo=root)
+    assert names == ["t-p2", "t-p8", "t-cnn"]
+    assert (root / "params.yaml").read_text() == "model:\n  name: vit\n  patch_size: 4\n"  # untouched
+    assert sorted(compare.finished_experiments(root)) == sorted(names)
+    with pytest.raises(VitlabError, match=r"dvc exp run -n t-cnn failed \(exit \d+\); its output is above"):
+        compare.run_study({"t-cnn": ["model.name=cnn"]}, repo=root)  # the name is taken
+    assert compare.run_study({"t-cnn": ["model.name=cnn"]}, force=True, repo=root) == ["t-cnn"]
+
+    monkeypatch.chdir(root)
+    run = use_fake_run(monkeypatch)
+    assert main(["compare", "--resamples", "500"]) == 0  # all of this commit's experiments
+    assert run.job_types == ["compare"]
+    media = run.media()
+    assert len(media["comparison"].data) == 3
+    assert {"accuracy_vs_patch", "val_curves", "t-p2-rollout", "t-cnn-gradcam"} <= set(media)
+    maps = root / "reports" / "compare" / "maps"
+    assert sorted(p.name for p in maps.iterdir()) == [
+        "t-cnn-gradcam.png",
+        "t-p2-rollout.png",
+        "t-p8-rollout.png",
+    ]
+    with Image.open(maps / "t-cnn-gradcam.png") as picture:
+        assert picture.getpixel((0, 0)) == (0, 0, 255)  # the CNN's own picture
+    printed = capsys.readouterr().out
+    assert "| t-p2 | vit | 2 | 102 | 1 |" in printed and "comparison of 3 runs" in printed
+    table = pd.read_csv(root / "reports" / "compare" / "table.csv")
+    assert table["run"].tolist() == ["t-p2", "t-p8", "t-cnn"]
+    assert table["test_accuracy"].tolist() == pytest.approx([32 / 60, 38 / 60, 35 / 60])
+    assert table["accuracy_vs_baseline"].tolist()[:2] == pytest.approx([-3 / 60, 3 / 60])
+
+    assert main(["compare", "--exp", "t-p2", "--exp", "nope"]) == 2
+    assert "experiment 'nope': cannot read reports/eval/predictions.csv" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+import dataclasses
+import importlib.util
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitlab.errors import VitlabError
+from vitlab.models import ARCHITECTURES, PRESETS, build_model, count_parameters, preset_spec
+from vitlab.models import vit as vit_module
+from vitlab.models.__main__ import preset_table
+from vitlab.params import ARCH_PARAMS, ModelParams, parse_params
+from vitlab.stages import model_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Computed by hand (tests/test_models.py has the per-layer formulas) and cross-checked against timm's
+# VisionTransformer with the identical configuration (below). For 10 classes unless stated.
+EXPECTED_PARAMETERS = {
+    ("tinyvit", 10): 208_970,
+    ("vit-tiny", 10): 5_362_762,
+    ("vit-small", 10): 12_470_026,
+    ("vit-c100", 100): 1_528_228,  # the ~1.5M of the CIFAR-100 seed
+    ("vit-c100", 10): 1_510_858,
+    ("vit-p2", 10): 435_722,
+    ("cnn-small", 10): 25_578,
+    ("resnet", 10): 272_474,  # ResNet-20
+    ("mlp", 10): 1_707_274,
+}
+
+
+def _bench_module():
+    """The training-throughput benchmark, whose timm and seed-style engines must match our presets."""
+    path = REPO / "benchmarks" / "bench_train_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_preset_has_an_expected_parameter_count():
+    assert {name for name, _ in EXPECTED_PARAMETERS} == set(PRESETS)
+
+
+@pytest.mark.parametrize(("name", "classes"), list(EXPECTED_PARAMETERS))
+def test_presets_build_with_their_parameter_counts(name, classes):
+    arch, config = preset_spec(name)
+    model = build_model(arch, config | {"num_classes": classes})
+    assert count_parameters(model) == EXPECTED_PARAMETERS[name, classes]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, classes)
+
+
+@pytest.mark.parametrize("name", [name for name, preset in PRESETS.items() if preset.arch == "vit"])
+def test_vit_presets_have_the_parameter_count_of_timms_identical_vit(name):
+    pytest.importorskip("timm")
+    bench = _bench_module()
+    arch, config = preset_spec(name)
+    config |= {"num_classes": 100 if name == "vit-c100" else 10}
+    ours = build_model(arch, config)
+    assert count_parameters(bench.timm_vit(config)) == count_parameters(ours)
+    if config.get("head_dim") is None:  # nn.MultiheadAttention cannot give heads a width of their own
+        assert count_parameters(bench.SeedViT(config)) == count_parameters(ours)
+
+
+def test_preset_values_are_overridable_key_by_key():
+    arch, config = preset_spec("vit-c100", depth=2, pool="mean")
+    assert arch == "vit"
+    assert config == PRESETS["vit-c100"].config | {"depth": 2, "pool": "mean"}
+    assert PRESETS["vit-c100"].config["depth"] == 6  # the table itself is left alone
+
+
+def test_unknown_presets_and_keys_are_one_line_errors():
+    with pytest.raises(VitlabError, match=r"unknown preset 'vit-huge' \(known: tinyvit, vit-tiny, .*, mlp\)"):
+        preset_spec("vit-huge")
+    with pytest.raises(VitlabError, match="resnet config has unknown keys: dim"):
+        preset_spec("resnet", dim=64)
+
+
+def test_vit_p2_gives_its_three_heads_a_width_of_their_own():
+    arch, config = preset_spec("vit-p2")
+    model = build_model(arch, config)
+    assert config["dim"] % config["heads"] != 0
+    assert model.blocks[0].attn.qkv.out_features == 3 * 3 * 32
+    assert model.cfg.num_tokens == 257
+
+
+# --- params.yaml: model.preset ---------------------------------------------------------------------------
+
+
+def test_every_preset_and_architecture_maps_onto_params_keys():
+    for arch, keys in ARCH_PARAMS.items():
+        config_fields = {f.name for f in dataclasses.fields(ARCHITECTURES[arch][0])}
+        assert set(keys) <= config_fields, arch
+        assert set(keys.values()) <= set(ModelParams.model_fields), arch
+    assert (
+        set(ARCH_PARAMS)
+        == set(ARCHITECTURES)
+        == set(typing.get_args(ModelParams.model_fields["name"].annotation))
+    )
+    for name, preset in PRESETS.items():
+        assert set(preset.config) <= set(ARCH_PARAMS[preset.arch]), name
+
+
+def test_vit_options_offer_the_same_choices_in_params_and_model():
+    for key, choices in (
+        ("stem", vit_module.STEMS),
+        ("pool", vit_module.POOLS),
+        ("pos_embed", vit_module.POS_EMBEDS),
+    ):
+        assert typing.get_args(ModelParams.model_fields[key].annotation) == choices
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_preset_in_params_builds_the_presets_model(name):
+    params = parse_params({"model": {"preset": name}})
+    arch, config = preset_spec(name)
+    assert params.model.name == arch
+    built = model_config(params, 10)
+    assert {key: built[key] for key in config} == config
+    assert count_parameters(build_model(arch, built)) == EXPECTED_PARAMETERS[name, 10]
+
+
+def test_python_m_vitlab_models_prints_every_preset_with_its_counts():
+    rows = {line.split(" | ")[0].strip("| "): line for line in preset_table().splitlines()[2:]}
+    assert list(rows) == list(PRESETS)
+    assert rows["vit-c100"].endswith("| 1,510,858 | 1,528,228 |")
+    assert rows["resnet"].endswith("| 272,474 | 278,324 |")
