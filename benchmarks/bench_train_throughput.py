@@ -1,6 +1,7 @@
 """CPU training throughput of vitlab's ViT against timm's VisionTransformer and a seed-style reference.
 
-    python benchmarks/bench_train_throughput.py            # about 2 minutes on 2 idle cores
+    python benchmarks/bench_train_throughput.py            # about 7 minutes on 2 idle cores
+    python benchmarks/bench_train_throughput.py --compile  # and each preset through torch.compile
     python benchmarks/bench_train_throughput.py --quick    # a smoke run: one timed round, two steps for RSS
 
 One training step is forward, backward and an AdamW step on a batch of 128 random 32x32 images, on 2 threads
@@ -9,14 +10,18 @@ For each preset the three engines are built with the identical configuration (th
 seed-style reference needs two extra projections where heads do not divide the width, see ``SeedViT``) and
 take turns step by step, the order rotating each round, so that load from elsewhere on the machine slows
 them alike; the figure is the median step. Each preset runs in its own process, and the peak memory (RSS) of
-training each engine is measured in a process of its own, so that neither contaminates another. Prints a
-Markdown table.
+training each engine is measured in a process of its own, so that neither contaminates another. A second
+table gives vitlab's speed and peak RSS for every preset, each in a process of its own, and with
+``--compile`` the speed of the same step through ``torch.compile``. Each
+engine's rate of useful work (the FLOPs of its matrix products per second) is set beside this CPU's own fp32
+matrix-product rate, which bounds how much faster any engine could run the same step. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -24,15 +29,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.compat import import_torchvision
+from vitlab.models import PRESETS as MODEL_PRESETS
 from vitlab.models import build_model, count_parameters, preset_spec
 from vitlab.stages import hardware_description
+from vitlab.train import uses_channels_last
 
 BATCH = 128
 PRESETS = {"tinyvit": 10, "vit-p2": 10, "vit-c100": 100}  # preset -> classes (vit-c100 is for CIFAR-100)
@@ -138,9 +151,13 @@ def build(engine: str, preset: str) -> nn.Module:
 
 
 def trainer(model: nn.Module, classes: int) -> Callable[[], None]:
-    """One training step on a fixed random batch: forward, loss, backward, AdamW step."""
+    """One training step on a fixed random batch: forward, loss, backward, AdamW step (channels_last where
+    vitlab's trainer would use it)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(BATCH, 3, 32, 32, generator=generator)
+    if uses_channels_last(model):
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (BATCH,), generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
@@ -154,10 +171,99 @@ def trainer(model: nn.Module, classes: int) -> Callable[[], None]:
     return step
 
 
+def step_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one training step's matrix products (matmuls, convolutions, attention).
+
+    Under SDPA's math backend, whose bmm the counter sees (it has no formula for the CPU flash kernel); the
+    products are the same. Elementwise work (LayerNorm, GELU, softmax, AdamW) is not counted: the figure is
+    the least work a step must do.
+    """
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+MATRIX_PRODUCTS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.convolution_backward.default,
+}
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorLayout:
+        return cls(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+    def random(self) -> torch.Tensor:
+        """A tensor of this layout (transposed, expanded, ...), filled with normal noise."""
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride, strict=True))
+        return torch.randn(extent, dtype=self.dtype).as_strided(self.shape, self.stride)
+
+
+class MatrixProductRecorder(TorchDispatchMode):
+    """Records each matrix product a step dispatches, as the op and the layouts of its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch._ops.OpOverload, Any]] = []
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple[type, ...],
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in MATRIX_PRODUCTS:
+            self.calls.append((func, tree_map_only(torch.Tensor, TensorLayout.of, (args, kwargs))))
+        return func(*args, **kwargs)
+
+
+def matrix_products_alone_s(step: Callable[[], None], repeats: int = 3) -> float:
+    """Seconds one step's matrix products take alone, each replayed on fresh tensors of its arguments' layouts
+    (the best of ``repeats``): what the step would take if everything else (LayerNorm, GELU, softmax,
+    dropout, AdamW, Python) were free. No engine built on these kernels can step faster."""
+    with sdpa_kernel(SDPBackend.MATH), MatrixProductRecorder() as recorder:
+        step()
+    total = 0.0
+    for func, layouts in recorder.calls:
+        args, kwargs = tree_map_only(TensorLayout, TensorLayout.random, layouts)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            func(*args, **kwargs)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
+    """This CPU's fp32 matrix-product rate on the benchmark's threads: the best of square products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return {"gflops": 2 * size**3 / best / 1e9}
+
+
 def measure_speed(preset: str, rounds: int, warmup: int) -> dict:
     """Seconds per step of each engine, the engines taking turns in an order that rotates each round."""
     models = {engine: build(engine, preset) for engine in ENGINES}
     steps = {engine: trainer(model, PRESETS[preset]) for engine, model in models.items()}
+    flops = {engine: step_flops(step) for engine, step in steps.items()}
+    products_s = matrix_products_alone_s(steps["vitlab"])
     seconds: dict[str, list[float]] = {engine: [] for engine in ENGINES}
     for round_ in range(warmup + rounds):
         for engine in ENGINES[round_ % 3 :] + ENGINES[: round_ % 3]:
@@ -166,9 +272,50 @@ def measure_speed(preset: str, rounds: int, warmup: int) -> dict:
             if round_ >= warmup:
                 seconds[engine].append(time.perf_counter() - start)
     return {
-        engine: {"params": count_parameters(models[engine]), "step_s": statistics.median(seconds[engine])}
+        engine: {
+            "params": count_parameters(models[engine]),
+            "step_s": statistics.median(seconds[engine]),
+            "flops": flops[engine],
+        }
         for engine in ENGINES
+    } | {"vitlab_products_alone_s": products_s}
+
+
+def measure_preset(preset: str, rounds: int, warmup: int, compiled: bool) -> dict:
+    """Seconds per step of vitlab training one preset and the peak RSS of it, in a process of its own.
+
+    ``compiled``: then also through ``torch.compile`` (after the RSS is read), the eager and the compiled
+    step taking turns, and the seconds the first compiled step took (compilation)."""
+    arch, config = preset_spec(preset)
+    classes = PRESETS.get(preset, 10)
+    torch.manual_seed(0)
+    model = build_model(arch, config | {"num_classes": classes})
+    steps = {"eager": trainer(model, classes)}
+    seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(warmup + rounds):
+        start = time.perf_counter()
+        steps["eager"]()
+        seconds["eager"].append(time.perf_counter() - start)
+    seconds["eager"] = seconds["eager"][warmup:]
+    result = {
+        "params": count_parameters(model),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if compiled:
+        steps["compiled"] = trainer(
+            torch.compile(build_model(arch, config | {"num_classes": classes})), classes
+        )
+        start = time.perf_counter()
+        steps["compiled"]()
+        result["compile_s"] = time.perf_counter() - start
+        seconds["eager"] = []
+        for round_ in range(warmup + rounds):
+            for kind in ("eager", "compiled") if round_ % 2 else ("compiled", "eager"):
+                start = time.perf_counter()
+                steps[kind]()
+                if round_ >= warmup:
+                    seconds[kind].append(time.perf_counter() - start)
+    return result | {f"{kind}_step_s": statistics.median(s) for kind, s in seconds.items() if s}
 
 
 def measure_memory(preset: str, engine: str | None, steps: int) -> dict:
@@ -188,14 +335,15 @@ def child(args: list[str], threads: int) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def markdown(preset: str, speed: dict, memory: dict) -> list[str]:
+def markdown(preset: str, speed: dict, memory: dict, peak_gflops: float) -> list[str]:
     rows = []
     timm, seed = speed["timm"]["step_s"], speed["seed-style"]["step_s"]
     for engine in ENGINES:
-        step_s = speed[engine]["step_s"]
+        step_s, gflops = speed[engine]["step_s"], speed[engine]["flops"] / speed[engine]["step_s"] / 1e9
         rows.append(
             f"| {preset} | {engine} | {speed[engine]['params']:,} | {BATCH / step_s:,.0f} | "
-            f"{timm / step_s:.2f}x | {seed / step_s:.2f}x | {memory[engine]:,.0f} |"
+            f"{timm / step_s:.2f}x | {seed / step_s:.2f}x | {gflops:,.0f} ({gflops / peak_gflops:.0%}) | "
+            f"{memory[engine]:,.0f} |"
         )
     return rows
 
@@ -205,6 +353,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round after 1 warm-up round: a smoke run")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per engine and preset")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument(
+        "--all-presets",
+        nargs="*",
+        default=list(MODEL_PRESETS),
+        choices=list(MODEL_PRESETS),
+        help="presets whose vitlab training speed and peak RSS make the second table (default: all)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="second table: also torch.compile each preset (15-30 s of compilation each)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,6 +373,10 @@ def main() -> None:
         kind, preset, *rest = args.child
         if kind == "speed":
             result = measure_speed(preset, int(rest[0]), int(rest[1]))
+        elif kind == "preset":
+            result = measure_preset(preset, int(rest[0]), int(rest[1]), rest[2] == "compiled")
+        elif kind == "peak":
+            result = measure_matmul_peak()
         else:
             result = measure_memory(preset, None if rest[0] == "none" else rest[0], int(rest[1]))
         print(json.dumps(result))
@@ -221,10 +385,17 @@ def main() -> None:
     rounds, warmup, memory_steps = (1, 1, 2) if args.quick else (args.rounds, 2, 3)
     load_before = os.getloadavg()[0]
     lines = [
-        "| preset | engine | params | img/s | vs timm | vs seed-style | peak RSS (MiB) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| preset | engine | params | img/s | vs timm | vs seed-style | GFLOP/s (of peak) | peak RSS (MiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    peak = child(["peak", "-"], args.threads)["gflops"]
     baseline = child(["memory", "tinyvit", "none", "0"], args.threads)["peak_rss_mib"]
+    ceilings = [
+        "",
+        "| preset | seed-style step (ms) | vitlab step (ms) | vitlab's matrix products alone (ms) | "
+        "ceiling vs seed-style |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for preset in args.presets:
         print(f"{preset}: {rounds} rounds of {', '.join(ENGINES)}", file=sys.stderr, flush=True)
         speed = child(["speed", preset, str(rounds), str(warmup)], args.threads)
@@ -232,11 +403,34 @@ def main() -> None:
             engine: child(["memory", preset, engine, str(memory_steps)], args.threads)["peak_rss_mib"]
             for engine in ENGINES
         }
-        lines += markdown(preset, speed, memory)
+        lines += markdown(preset, speed, memory, peak)
+        seed_s, products_s = speed["seed-style"]["step_s"], speed["vitlab_products_alone_s"]
+        ceilings.append(
+            f"| {preset} | {seed_s * 1e3:,.0f} | {speed['vitlab']['step_s'] * 1e3:,.0f} | "
+            f"{products_s * 1e3:,.0f} | {seed_s / products_s:.2f}x |"
+        )
+    lines += ceilings
+    compiled = "compiled" if args.compile else "eager"
+    lines += [
+        "",
+        "| preset (vitlab) | params | img/s | peak RSS (MiB) |"
+        + (" compiled: img/s | vs eager | compilation (s) |" if args.compile else ""),
+        "| --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if args.compile else ""),
+    ]
+    for preset in args.all_presets:
+        print(f"{preset}: vitlab alone, {rounds} rounds, {compiled}", file=sys.stderr, flush=True)
+        result = child(["preset", preset, str(rounds), str(warmup), compiled], args.threads)
+        eager_s = result["eager_step_s"]
+        line = f"| {preset} | {result['params']:,} | {BATCH / eager_s:,.0f} | {result['peak_rss_mib']:,.0f} |"
+        if args.compile:
+            compiled_s = result["compiled_step_s"]
+            line += f" {BATCH / compiled_s:,.0f} | {eager_s / compiled_s:.2f}x | {result['compile_s']:.0f} |"
+        lines.append(line)
     print("\n".join(lines))
     print(
         f"\ntorch {torch.__version__}, {args.threads} threads, batch {BATCH}, {hardware_description('cpu')}; "
         f"median of {rounds} steps after {warmup} warm-up; "
+        f"peak: a 2048 x 2048 fp32 matrix product at {peak:,.0f} GFLOP/s; "
         f"peak RSS includes {baseline:,.0f} MiB of interpreter, torch and timm. Load average (1 min) "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other work on the {os.cpu_count()} cores "
         "stalls the threads at every synchronization and skews the figures."

@@ -1,10 +1,9 @@
 import dataclasses
-import importlib.util
 import typing
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_modules import load_benchmark
 
 from vitlab.errors import VitlabError
 from vitlab.models import ARCHITECTURES, PRESETS, build_model, count_parameters, preset_spec
@@ -12,8 +11,6 @@ from vitlab.models import vit as vit_module
 from vitlab.models.__main__ import preset_table
 from vitlab.params import ARCH_PARAMS, ModelParams, parse_params
 from vitlab.stages import model_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Computed by hand (tests/test_models.py has the per-layer formulas) and cross-checked against timm's
 # VisionTransformer with the identical configuration (below). For 10 classes unless stated.
@@ -30,15 +27,6 @@ EXPECTED_PARAMETERS = {
 }
 
 
-def _bench_module():
-    """The training-throughput benchmark, whose timm and seed-style engines must match our presets."""
-    path = REPO / "benchmarks" / "bench_train_throughput.py"
-    spec = importlib.util.spec_from_file_location("bench_train_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_preset_has_an_expected_parameter_count():
     assert {name for name, _ in EXPECTED_PARAMETERS} == set(PRESETS)
 
@@ -53,8 +41,7 @@ def test_presets_build_with_their_parameter_counts(name, classes):
 
 @pytest.mark.parametrize("name", [name for name, preset in PRESETS.items() if preset.arch == "vit"])
 def test_vit_presets_have_the_parameter_count_of_timms_identical_vit(name):
-    pytest.importorskip("timm")
-    bench = _bench_module()
+    bench = load_benchmark("bench_train_throughput")  # its timm and seed-style engines must match our presets
     arch, config = preset_spec(name)
     config |= {"num_classes": 100 if name == "vit-c100" else 10}
     ours = build_model(arch, config)

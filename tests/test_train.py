@@ -115,7 +115,7 @@ def test_compiled_model_trains_like_the_eager_one():
         assert row["train_loss"] == pytest.approx(row_eager["train_loss"], rel=1e-5)
 
 
-def test_a_time_budget_stops_training_and_anneals_the_learning_rate_by_the_clock():
+def test_a_time_budget_stops_training_and_anneals_the_learning_rate_by_the_clock(capsys):
     data = _separable_split(128, seed=4)
     norm = Normalization.from_images(data.images)
     model = build_model(*TINY_VIT)
@@ -125,6 +125,9 @@ def test_a_time_budget_stops_training_and_anneals_the_learning_rate_by_the_clock
     assert 1 <= len(result.history) < cfg.epochs
     lrs = [row["lr"] for row in result.history]
     assert lrs[-1] < 0.2 * cfg.learning_rate  # the cosine reached its end with the budget, not the epochs
+    log = capsys.readouterr().err
+    assert re.search(r"^epoch 1 \(\d+/2 s\)  loss", log, re.MULTILINE)  # progress by the clock
+    assert "/10000" not in log
 
 
 def test_unavailable_device_is_a_clear_error():

@@ -1,0 +1,80 @@
+"""The training-throughput benchmark's own arithmetic, and a smoke run of it (its figures are not tested:
+speed belongs to the benchmark, never to a unit test)."""
+
+import re
+import subprocess
+import sys
+
+from benchmark_modules import BENCHMARKS, load_benchmark
+
+from vitlab.models import build_model, preset_spec
+
+bench = load_benchmark("bench_train_throughput")
+
+
+def test_step_flops_counts_every_matrix_product_of_forward_and_backward():
+    arch, config = preset_spec("mlp")  # 3072 -> 512 -> 256 -> 10: three Linear layers
+    step = bench.trainer(build_model(arch, config), 10)
+    forward = 2 * bench.BATCH * (3072 * 512 + 512 * 256 + 256 * 10)
+    # Backward: a gradient for every weight, and for every layer's input but the images'.
+    backward = 2 * forward - 2 * bench.BATCH * 3072 * 512
+    assert bench.step_flops(step) == forward + backward
+
+
+def test_the_recorder_replays_exactly_the_steps_matrix_products():
+    arch, config = preset_spec("mlp")
+    step = bench.trainer(build_model(arch, config), 10)
+    with bench.MatrixProductRecorder() as recorder:
+        step()
+    ops = [str(func) for func, _ in recorder.calls]
+    # Forward: three Linear layers; backward: five products (no gradient for the images).
+    assert ops == ["aten.addmm.default"] * 3 + ["aten.mm.default"] * 5
+    (_, first, weight), _ = recorder.calls[0][1]
+    assert first.shape == (bench.BATCH, 3072) and weight.shape == (3072, 512)
+    assert weight.stride == (1, 3072)  # the transposed weight, as Linear passes it
+    assert bench.matrix_products_alone_s(step) > 0
+
+
+def test_vitlab_and_timm_do_the_same_matrix_work_and_the_seed_style_vit_p2_more():
+    for preset in ("tinyvit", "vit-p2"):
+        arch, config = preset_spec(preset, depth=2)
+        config |= {"num_classes": 10}
+        engines = {
+            "vitlab": build_model(arch, config),
+            "timm": bench.timm_vit(config),
+            "seed-style": bench.SeedViT(config),
+        }
+        flops = {name: bench.step_flops(bench.trainer(model, 10)) for name, model in engines.items()}
+        assert flops["vitlab"] == flops["timm"] > 0, preset
+        if preset == "tinyvit":
+            assert flops["seed-style"] == flops["vitlab"]
+    # nn.MultiheadAttention cannot give 3 heads of 32 to a width of 64: it maps into 96 and back.
+    assert flops["seed-style"] > flops["vitlab"]
+
+
+def test_the_benchmark_runs_and_prints_both_tables():
+    run = subprocess.run(
+        [
+            sys.executable,
+            BENCHMARKS / "bench_train_throughput.py",
+            "--quick",
+            "--presets",
+            "tinyvit",
+            "--all-presets",
+            "cnn-small",
+            "mlp",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        *["| preset", "| tinyvit", "| tinyvit", "| tinyvit"],
+        *["| preset", "| tinyvit"],
+        *["| preset (vitlab)", "| cnn-small", "| mlp"],
+    ]
+    assert [row.split(" | ")[1] for row in rows[1:4]] == ["vitlab", "timm", "seed-style"]
+    assert all(re.search(r"\| [\d,]+ \(\d+%\) \|", row) for row in rows[1:4])  # GFLOP/s (share of peak)
+    assert re.fullmatch(r"\| tinyvit( \| [\d,]+){3} \| \d+\.\d\dx \|", rows[5])  # the ceiling
+    assert rows[7].startswith("| cnn-small | 25,578 | ") and rows[8].startswith("| mlp | 1,707,274 | ")
