@@ -6,15 +6,19 @@
 
 One training step is forward, backward and an AdamW step on a batch of 128 random 32x32 images, on 2 threads
 (``--threads``); on a machine busy with other work the threads stall each other: run it on idle cores.
-For each preset the three engines are built with the identical configuration (the same parameter count; the
-seed-style reference needs two extra projections where heads do not divide the width, see ``SeedViT``) and
-take turns step by step, the order rotating each round, so that load from elsewhere on the machine slows
-them alike; the figure is the median step. Each preset runs in its own process, and the peak memory (RSS) of
-training each engine is measured in a process of its own, so that neither contaminates another. A second
-table gives vitlab's speed and peak RSS for every preset, each in a process of its own, and with
-``--compile`` the speed of the same step through ``torch.compile``. Each
-engine's rate of useful work (the FLOPs of its matrix products per second) is set beside this CPU's own fp32
-matrix-product rate, which bounds how much faster any engine could run the same step. Prints a Markdown table.
+Three tables:
+
+1. For each preset, the three engines built with the identical configuration (the same parameter count; the
+   seed-style reference needs two extra projections where heads do not divide the width, see ``SeedViT``)
+   take turns step by step, the order rotating each round, so that load from elsewhere on the machine slows
+   them alike; the figure is the median step. Beside it, each engine's rate of useful work (the FLOPs of its
+   matrix products per second) against this CPU's fp32 rate on a large matrix product, and the peak memory
+   (RSS) of training each engine, measured in a process of its own.
+2. The ceiling: the step's matrix products replayed alone (``matrix_products_alone_s``), the time a step
+   would take if everything else were free; the seed-style step over it is the most any engine built on
+   torch's CPU kernels could gain on the reference.
+3. vitlab's speed and peak RSS for every preset, each in a process of its own, and with ``--compile`` the
+   speed of the same step through ``torch.compile``.
 """
 
 from __future__ import annotations
