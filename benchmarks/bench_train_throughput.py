@@ -24,6 +24,7 @@ Three tables:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -145,9 +146,13 @@ def import_timm() -> ModuleType:
     return timm
 
 
+def classes_of(preset: str) -> int:
+    return PRESETS.get(preset, 10)
+
+
 def build(engine: str, preset: str) -> nn.Module:
     arch, config = preset_spec(preset)
-    config = config | {"num_classes": PRESETS[preset]}
+    config = config | {"num_classes": classes_of(preset)}
     torch.manual_seed(0)
     if engine == "vitlab":
         return build_model(arch, config)
@@ -173,6 +178,30 @@ def trainer(model: nn.Module, classes: int) -> Callable[[], None]:
         optimizer.step()
 
     return step
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def take_turns(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each, the steps taking turns in an order that rotates each round, so that
+    load from elsewhere on the machine slows them alike."""
+    names = list(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def step_flops(step: Callable[[], None]) -> int:
@@ -242,45 +271,25 @@ def matrix_products_alone_s(step: Callable[[], None], repeats: int = 3) -> float
     total = 0.0
     for func, layouts in recorder.calls:
         args, kwargs = tree_map_only(TensorLayout, TensorLayout.random, layouts)
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            func(*args, **kwargs)
-            best = min(best, time.perf_counter() - start)
-        total += best
+        total += best_seconds(functools.partial(func, *args, **kwargs), repeats)
     return total
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
     """This CPU's fp32 matrix-product rate on the benchmark's threads: the best of square products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return {"gflops": 2 * size**3 / best / 1e9}
+    return {"gflops": 2 * size**3 / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
 
 
 def measure_speed(preset: str, rounds: int, warmup: int) -> dict:
-    """Seconds per step of each engine, the engines taking turns in an order that rotates each round."""
+    """Seconds per step of each engine, the engines taking turns."""
     models = {engine: build(engine, preset) for engine in ENGINES}
-    steps = {engine: trainer(model, PRESETS[preset]) for engine, model in models.items()}
+    steps = {engine: trainer(model, classes_of(preset)) for engine, model in models.items()}
     flops = {engine: step_flops(step) for engine, step in steps.items()}
     products_s = matrix_products_alone_s(steps["vitlab"])
-    seconds: dict[str, list[float]] = {engine: [] for engine in ENGINES}
-    for round_ in range(warmup + rounds):
-        for engine in ENGINES[round_ % 3 :] + ENGINES[: round_ % 3]:
-            start = time.perf_counter()
-            steps[engine]()
-            if round_ >= warmup:
-                seconds[engine].append(time.perf_counter() - start)
+    step_s = take_turns(steps, rounds, warmup)
     return {
-        engine: {
-            "params": count_parameters(models[engine]),
-            "step_s": statistics.median(seconds[engine]),
-            "flops": flops[engine],
-        }
+        engine: {"params": count_parameters(models[engine]), "step_s": step_s[engine], "flops": flops[engine]}
         for engine in ENGINES
     } | {"vitlab_products_alone_s": products_s}
 
@@ -290,36 +299,18 @@ def measure_preset(preset: str, rounds: int, warmup: int, compiled: bool) -> dic
 
     ``compiled``: then also through ``torch.compile`` (after the RSS is read), the eager and the compiled
     step taking turns, and the seconds the first compiled step took (compilation)."""
-    arch, config = preset_spec(preset)
-    classes = PRESETS.get(preset, 10)
-    torch.manual_seed(0)
-    model = build_model(arch, config | {"num_classes": classes})
-    steps = {"eager": trainer(model, classes)}
-    seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for _ in range(warmup + rounds):
-        start = time.perf_counter()
-        steps["eager"]()
-        seconds["eager"].append(time.perf_counter() - start)
-    seconds["eager"] = seconds["eager"][warmup:]
+    model = build("vitlab", preset)
+    steps = {"eager": trainer(model, classes_of(preset))}
     result = {
+        "eager_step_s": take_turns(steps, rounds, warmup)["eager"],
         "params": count_parameters(model),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if compiled:
-        steps["compiled"] = trainer(
-            torch.compile(build_model(arch, config | {"num_classes": classes})), classes
-        )
-        start = time.perf_counter()
-        steps["compiled"]()
-        result["compile_s"] = time.perf_counter() - start
-        seconds["eager"] = []
-        for round_ in range(warmup + rounds):
-            for kind in ("eager", "compiled") if round_ % 2 else ("compiled", "eager"):
-                start = time.perf_counter()
-                steps[kind]()
-                if round_ >= warmup:
-                    seconds[kind].append(time.perf_counter() - start)
-    return result | {f"{kind}_step_s": statistics.median(s) for kind, s in seconds.items() if s}
+        steps["compiled"] = trainer(torch.compile(build("vitlab", preset)), classes_of(preset))
+        result["compile_s"] = best_seconds(steps["compiled"], repeats=1)
+        result |= {f"{kind}_step_s": s for kind, s in take_turns(steps, rounds, warmup).items()}
+    return result
 
 
 def measure_memory(preset: str, engine: str | None, steps: int) -> dict:
@@ -327,7 +318,7 @@ def measure_memory(preset: str, engine: str | None, steps: int) -> dict:
     if engine is None:
         import_timm()
     else:
-        step = trainer(build(engine, preset), PRESETS[preset])
+        step = trainer(build(engine, preset), classes_of(preset))
         for _ in range(steps):  # from the second step on, the optimizer's state is there at the peak
             step()
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
