@@ -2,6 +2,12 @@
 
     python benchmarks/bench_inference.py            # about 4 minutes on 2 cores
     python benchmarks/bench_inference.py --quick    # fewer rounds and runs, for a smoke run
+    python benchmarks/bench_inference.py --int8 ARCHIVE   # int8 methods on a trained tinyvit, real images
+
+``--int8`` trains a tinyvit on a CIFAR-10 archive (python layout) for ``--epochs`` epochs on one thread,
+exports it as the export stage does and compares fp32 with each int8 method on the archive's test images:
+accuracy at batch 1 and 256, images whose top-1 or logits change between the two, logit error against fp32,
+file size, and speed at batch 1 and 256 (one process, the ORT sessions taking turns). About 5 minutes.
 
 Weights are random: speed does not depend on training. Each engine is timed in a process of its own, as a
 user runs it: 2 intra-op threads, default threading (ORT's workers spin briefly between ops; so do PyTorch's
@@ -119,8 +125,8 @@ def prepare(name: str, folder: Path) -> dict[str, tuple[str, str]]:
         optimized.save_model_to_file(str(folder / f"{name}.optimizer.onnx"))
         variants["ORT fp32, transformer optimizer"] = ("ort", str(folder / f"{name}.optimizer.onnx"))
     variants[SHIPPED] = ("ort", str(fused))
-    dynamic = quantize_onnx(fused, folder / f"{name}.int8.onnx")
-    variants["ORT int8 dynamic"] = ("ort", str(dynamic))
+    weight_only = quantize_onnx(fused, folder / f"{name}.int8.onnx")
+    variants["ORT int8 weight-only"] = ("ort", str(weight_only))
     static = quantize_onnx(fused, folder / f"{name}.qdq.onnx", "static", calibration)
     variants["ORT int8 static QDQ"] = ("ort", str(static))
     return variants
@@ -176,11 +182,125 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dynamic_int8(fp32: Path, path: Path) -> Path:
+    """ORT's dynamic quantization as the export stage wrote it before weight-only: batch-dependent scales."""
+    from onnxruntime import quantization
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_suffix(".prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared))
+    quantization.quantize_dynamic(
+        prepared, path, op_types_to_quantize=["MatMul"], weight_type=quantization.QuantType.QInt8
+    )
+    return path
+
+
+def int8_report(archive: Path, folder: Path, epochs: int, rounds: int) -> str:
+    """Train tinyvit on ``archive``, derive each int8 model, measure them: a Markdown table."""
+    import onnxruntime as ort
+    import torch
+
+    from vitlab.checkpoint import Normalization
+    from vitlab.data.archive import extract_archive, parse_cifar
+    from vitlab.data.sources import DATASETS
+    from vitlab.export import export_onnx, quantize_onnx
+    from vitlab.models import build_model, preset_spec
+    from vitlab.train import TrainConfig, train
+
+    torch.set_num_threads(1)  # training shares the machine: one core
+    # parse_cifar reads whatever the batch files hold: a subset archive works as well as the official one.
+    data = parse_cifar(extract_archive(archive, folder / "extracted"), DATASETS["cifar10"])
+    norm = Normalization(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    torch.manual_seed(0)
+    arch, config = preset_spec("tinyvit")
+    model = build_model(arch, config | {"num_classes": 10})
+    cfg = TrainConfig(epochs=epochs, batch_size=128, learning_rate=2e-3, warmup_epochs=1, device="cpu")
+    train(model, data.train, None, norm, cfg)
+    fp32 = export_onnx(model.eval(), folder / "model.onnx", list(data.class_names), norm, ort_fusions=True)
+    calibration = data.train.images[:512]  # as the export stage calibrates
+    variants = {
+        "fp32 (ORT fusions)": fp32,
+        "int8 dynamic (before)": dynamic_int8(fp32, folder / "dynamic.onnx"),
+        "int8 weight-only (default)": quantize_onnx(fp32, folder / "weight_only.onnx", "weight_only"),
+        "int8 static QDQ": quantize_onnx(fp32, folder / "static.onnx", "static", calibration),
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.log_severity_level = 3
+    sessions = {
+        label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for label, path in variants.items()
+    }
+    mean, std = np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
+    x = np.ascontiguousarray(((data.test.images / np.float32(255.0) - mean) / std).transpose(0, 3, 1, 2))
+    x = x.astype(np.float32)
+
+    def logits(session: ort.InferenceSession, batch: int) -> np.ndarray:
+        return np.concatenate(
+            [session.run(None, {"images": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+        )
+
+    figures = {}
+    for label, session in sessions.items():
+        alone, batched = logits(session, 1), logits(session, BATCH)
+        figures[label] = {"alone": alone, "batched": batched}
+    reference = figures["fp32 (ORT fusions)"]["batched"]
+    labels = data.test.labels
+    speed: dict[str, dict[str, list[float]]] = {label: {"latency": [], "batch": []} for label in sessions}
+    for _ in range(rounds):
+        for label, session in sessions.items():
+            for key, batch, runs in (("latency", x[:1], 200), ("batch", x[:BATCH], 10)):
+                for _ in range(max(3, runs // 5)):
+                    session.run(None, {"images": batch})
+                seconds = []
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    session.run(None, {"images": batch})
+                    seconds.append(time.perf_counter() - start)
+                speed[label][key].append(statistics.median(seconds))
+    header = (
+        "model",
+        "accuracy b256",
+        "accuracy b1",
+        "top-1 changes b1 vs b256",
+        "logits changed b1 vs b256",
+        "top-1 agreement vs fp32",
+        "max \\|logit diff\\| vs fp32",
+        "batch 1 (img/s)",
+        "batch 256 (img/s)",
+        "bytes",
+    )
+    lines = [
+        f"tinyvit, {epochs} epochs on {len(data.train.images):,} images; {len(labels):,} test images; "
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {THREADS} threads, {rounds} rounds\n",
+        "| " + " | ".join(header) + " |",
+        "| --- |" + " ---: |" * (len(header) - 1),
+    ]
+    for label, f in figures.items():
+        alone, batched = f["alone"].argmax(1), f["batched"].argmax(1)
+        row = (
+            label,
+            f"{(batched == labels).mean():.4f}",
+            f"{(alone == labels).mean():.4f}",
+            str(int((alone != batched).sum())),
+            str(int((f["alone"] != f["batched"]).any(1).sum())),
+            f"{(batched == reference.argmax(1)).mean():.4f}",
+            f"{np.abs(f['batched'] - reference).max():.1e}",
+            f"{1 / statistics.median(speed[label]['latency']):,.0f}",
+            f"{BATCH / statistics.median(speed[label]['batch']):,.0f}",
+            f"{variants[label].stat().st_size:,}",
+        )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and runs (noisier figures)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--child", nargs=4, metavar=("ENGINE", "TARGET", "LATENCY_RUNS", "BATCH_RUNS"))
+    parser.add_argument("--int8", type=Path, metavar="ARCHIVE", help="compare int8 methods on this CIFAR-10")
+    parser.add_argument("--epochs", type=int, default=12, help="--int8: tinyvit training epochs")
     args = parser.parse_args(argv)
     if args.child:
         engine, target, latency_runs, batch_runs = args.child
@@ -190,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     warnings.filterwarnings("ignore")  # exporter and quantizer chatter
+    if args.int8:
+        with tempfile.TemporaryDirectory(prefix="vitlab-bench-int8-") as folder:
+            print(int8_report(args.int8, Path(folder), args.epochs, rounds=2 if args.quick else 5))
+        return 0
     rounds, latency_runs, batch_runs = (1, 50, 3) if args.quick else (3, 200, 10)
     with tempfile.TemporaryDirectory(prefix="vitlab-bench-") as folder:
         rows = [

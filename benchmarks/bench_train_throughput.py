@@ -47,9 +47,9 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.compat import import_torchvision
+from vitlab.device import hardware_description
 from vitlab.models import PRESETS as MODEL_PRESETS
 from vitlab.models import build_model, count_parameters, preset_spec
-from vitlab.stages import hardware_description
 from vitlab.train import uses_channels_last
 
 BATCH = 128

@@ -41,9 +41,9 @@ from vitlab.checkpoint import Normalization
 from vitlab.data.archive import prepare_dataset
 from vitlab.data.prepared import PreparedDataset, Split
 from vitlab.data.sources import DATASETS
+from vitlab.device import hardware_description
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model, count_parameters, preset_spec
-from vitlab.stages import hardware_description
 from vitlab.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,9 @@
 """Run one stage of dvc.yaml: ``python pipeline/run.py STAGE``.
 
-The stages themselves are library functions (vitlab.stages); this entry point pins them to this repository's
-folders and params.yaml, and reports a failure as one line with a non-zero exit, as the CLI does.
+The stages themselves are library functions (vitlab.stages, one module each); this entry point pins them to
+this repository's folders and params.yaml, and reports a failure as one line with a non-zero exit, as the CLI
+does (``VITLAB_DEBUG=1`` shows the traceback). It imports the stage's own module and nothing else of vitlab's
+command line, so a stage's DVC deps are its import closure (tests/test_stage_deps.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python pipeline/run.py STAGE")
     os.chdir(REPO)  # dvc runs stages from the repo root; this makes a manual run from elsewhere agree
     try:
-        from vitlab.cli import main
+        from vitlab.errors import exit_code
+        from vitlab.stages import run_stage
     except ModuleNotFoundError as error:
         sys.exit(
             f"error: {error.name} is not installed for {sys.executable}; run `make setup` and "
             "`source .venv/bin/activate` (or use `make repro`)"
         )
 
-    sys.exit(main(["stage", *sys.argv[1:]]))
+    sys.exit(exit_code(lambda: run_stage(sys.argv[1])))

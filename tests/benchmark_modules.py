@@ -1,4 +1,4 @@
-"""Load a script under benchmarks/ as a module (benchmarks/ is not a package: its scripts run by path)."""
+"""Load a script under benchmarks/ or tools/ as a module (neither is a package: their scripts run by path)."""
 
 import importlib.util
 import sys
@@ -8,9 +8,13 @@ from types import ModuleType
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_benchmark(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def load_script(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
+    sys.modules[path.stem] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str) -> ModuleType:
+    return load_script(BENCHMARKS / f"{name}.py")

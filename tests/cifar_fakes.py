@@ -5,6 +5,7 @@
     md5 = make_cifar_archive(tmp_path / "c10.tar.gz", n_train=50, n_test=20)
     md5 = make_cifar_archive(path, DATASETS["cifar100"], mutate=lambda files: files.pop("test"))
     ds = make_dataset(n_train=200, n_test=50, num_classes=10)
+    payload = dump_pickle(as_bytes(official_files()["data_batch_1"]), protocol=2, numpy1=True)
 
 Images are uniform random bytes (pixel mean ~127, std ~74: inside the default validation thresholds), every
 image distinct, labels balanced (``i % num_classes``, shuffled).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,12 @@ from vitlab.data.sources import DATASETS, DatasetSpec
 # Protocol 4 writes bytes natively, so the pickles name only numpy's own globals, as the official ones do
 # (protocol 2 from Python 3 would add _codecs.encode; protocol 5 would add numpy._core.numeric._frombuffer).
 PICKLE_PROTOCOL = 4
+_ROW = 3 * 32 * 32  # one official row: the 1024 red values, then green, then blue
 
 
 def random_rows(n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` random images as official CIFAR rows: uint8 (n, 3072), channel-planar."""
-    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    return rng.integers(0, 256, size=(n, _ROW), dtype=np.uint8)
 
 
 def balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> list[int]:
@@ -64,6 +67,84 @@ def cifar_files(
             }
     files[spec.meta_file] = {spec.names_key: [f"class_{i}" for i in range(num_classes)]}
     return files
+
+
+def official_files(
+    spec: DatasetSpec = DATASETS["cifar10"], n_train: int = 50, n_test: int = 20
+) -> dict[str, Any]:
+    """:func:`cifar_files` with every key the official pickles hold: ``filenames`` in each batch, CIFAR-100's
+    ``coarse_labels`` and ``coarse_label_names``, CIFAR-10's ``num_cases_per_batch`` and ``num_vis``."""
+    files = cifar_files(spec, n_train, n_test)
+    for name, payload in files.items():
+        if name == spec.meta_file:
+            if spec.label_key == "fine_labels":
+                payload["coarse_label_names"] = [f"superclass_{i}" for i in range(20)]
+            else:
+                payload |= {"num_cases_per_batch": 10000, "num_vis": _ROW}
+        else:
+            payload["filenames"] = [f"image_{i:05d}.png" for i in range(len(payload["data"]))]
+            if spec.label_key == "fine_labels":
+                payload["coarse_labels"] = [label // 5 for label in payload["fine_labels"]]
+    return files
+
+
+def as_bytes(value: Any) -> Any:
+    """``value`` with every str (dict keys, list items) as latin1 bytes: how Python 3 loads an official file
+    with ``encoding="bytes"``, as the CIFAR page suggests."""
+    if isinstance(value, str):
+        return value.encode("latin-1")
+    if isinstance(value, dict):
+        return {as_bytes(key): as_bytes(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_bytes(item) for item in value]
+    return value
+
+
+class _Writer(pickle._Pickler):  # the pure-Python pickler: its dispatch table and save_global can be changed
+    """A pickle writer that spells numpy's globals as numpy 1 did (``numpy.core``) and, with ``python2``,
+    writes bytes as Python 2 8-bit strings (STRING/BINSTRING), as the official files were written."""
+
+    def __init__(self, file: io.BytesIO, protocol: int, numpy1: bool, python2: bool) -> None:
+        super().__init__(file, protocol)
+        self.numpy1 = numpy1 or python2
+        # The class's table saves Python functions (numpy's _frombuffer) with the base class's save_global.
+        self.dispatch = {**self.dispatch, types.FunctionType: _Writer.save_global}
+        if python2:
+            self.dispatch[bytes] = _Writer._save_python2_str
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        module = getattr(obj, "__module__", "")
+        if not (self.numpy1 and module.startswith("numpy._core.")):
+            return super().save_global(obj, name)
+        module, name = "numpy.core." + module.removeprefix("numpy._core."), name or obj.__qualname__
+        if self.proto >= 4:
+            self.save(module)
+            self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
+        self.memoize(obj)
+        return None
+
+    def _save_python2_str(self, obj: bytes) -> None:
+        if self.proto == 0:
+            self.write(pickle.STRING + repr(obj)[1:].encode("ascii") + b"\n")
+        elif len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+
+def dump_pickle(payload: Any, protocol: int, *, numpy1: bool = False, python2: bool = False) -> bytes:
+    """``payload`` pickled at ``protocol`` as a given writer would: ``numpy1`` spells numpy's globals
+    ``numpy.core...`` (numpy 1, which wrote the official files); ``python2`` (protocols 0-2, numpy 1) writes
+    bytes as Python 2 strings, which load as str. Without either, it writes what ``pickle.dumps`` does."""
+    if python2 and protocol > 2:
+        raise ValueError("Python 2 wrote pickle protocols 0-2 only")
+    file = io.BytesIO()
+    _Writer(file, protocol, numpy1, python2).dump(payload)
+    return file.getvalue()
 
 
 def write_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> None:

@@ -4,6 +4,8 @@ import socket
 
 import pytest
 
+import vitlab  # noqa: F401  (before any test imports torch: it sets OpenMP's wait policy, as every entry point)
+
 
 @pytest.fixture(autouse=True)
 def _no_tracking_or_telemetry(monkeypatch):

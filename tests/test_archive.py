@@ -1,3 +1,4 @@
+import codecs
 import io
 import json
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cifar_fakes import make_cifar_archive, write_tar
+from cifar_fakes import as_bytes, dump_pickle, make_cifar_archive, official_files, write_tar
 
 from vitlab.data.archive import extract_archive, load_pickle, parse_cifar, prepare_dataset
 from vitlab.data.download import md5sum
@@ -146,6 +147,171 @@ def test_a_hostile_batch_inside_an_archive_is_refused_by_prepare(tmp_path):
         prepare_dataset(DATASETS["cifar10"], str(archive), md5, tmp_path / "raw", tmp_path / "prepared")
     assert not marker.exists()
     assert not (tmp_path / "prepared").exists()
+
+
+# Every writer of the official layout: Python 2 (which wrote the official files: 8-bit strings, numpy 1) and
+# Python 3 with str keys, or with the bytes keys a file loaded with encoding="bytes" has, by numpy 2 and 1.
+_WRITERS = {
+    "python2": lambda payload, protocol: dump_pickle(as_bytes(payload), protocol, python2=True),
+    "str-keys": lambda payload, protocol: dump_pickle(payload, protocol),
+    "bytes-keys": lambda payload, protocol: dump_pickle(as_bytes(payload), protocol),
+    "str-keys-numpy1": lambda payload, protocol: dump_pickle(payload, protocol, numpy1=True),
+    "bytes-keys-numpy1": lambda payload, protocol: dump_pickle(as_bytes(payload), protocol, numpy1=True),
+}
+
+
+@pytest.mark.parametrize(
+    ("writer", "protocol"),
+    [(w, p) for w in _WRITERS for p in range(6) if w != "python2" or p <= 2],
+)
+def test_every_pickle_protocol_of_the_official_layout_loads_for_both_datasets(tmp_path, writer, protocol):
+    for spec in (DATASETS["cifar10"], DATASETS["cifar100"]):
+        files = official_files(spec, n_train=12, n_test=6)
+        folder = tmp_path / spec.name
+        (folder / spec.folder).mkdir(parents=True)
+        for name, payload in files.items():
+            (folder / spec.folder / name).write_bytes(_WRITERS[writer](payload, protocol))
+
+        # The arrays come back equal, dtype and shape included, whatever the writer.
+        first = spec.train_files[0]
+        loaded = load_pickle(folder / spec.folder / first)
+        data = loaded["data" if "data" in loaded else b"data"]
+        assert data.dtype == np.uint8 and data.shape == files[first]["data"].shape
+        np.testing.assert_array_equal(data, files[first]["data"])
+
+        dataset = parse_cifar(folder, spec)
+        for split, names in (("train", spec.train_files), ("test", spec.test_files)):
+            rows = np.concatenate([files[name]["data"] for name in names])
+            labels = [label for name in names for label in files[name][spec.label_key]]
+            np.testing.assert_array_equal(
+                getattr(dataset, split).images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            )
+            assert getattr(dataset, split).labels.tolist() == labels
+        assert dataset.class_names == files[spec.meta_file][spec.names_key]  # str, whatever the writer
+
+
+def test_a_cifar_archive_repickled_by_python3_at_protocol_2_prepares(tmp_path):
+    # The issue's case: the official batches loaded with encoding="bytes" and written again by Python 3.
+    def repickle(files):
+        files.update({name: dump_pickle(as_bytes(payload), 2) for name, payload in files.items()})
+
+    archive = tmp_path / "c.tar.gz"
+    md5 = make_cifar_archive(archive, DATASETS["cifar100"], n_train=30, n_test=10, mutate=repickle)
+    dataset = prepare_dataset(
+        DATASETS["cifar100"], str(archive), md5, tmp_path / "raw", tmp_path / "p", progress=False
+    )
+    assert (len(dataset.train), len(dataset.test), dataset.class_names[1]) == (30, 10, "class_1")
+
+
+class _Reduces:
+    """Pickles as ``function(*args)``: what a tampered pickle can ask the unpickler to call."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+class _Spy:
+    """A codec that records every use: proof that a refused ``_codecs.encode`` never ran."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def search(self, name):
+        if name != "vitlab_spy":
+            return None
+        return codecs.CodecInfo(lambda text, errors="strict": self.calls.append(text) or (b"", 0), None)
+
+
+@pytest.fixture
+def spy_codec():
+    spy = _Spy()
+    codecs.register(spy.search)
+    yield spy
+    codecs.unregister(spy.search)
+
+
+_SOLID = np.arange(6, dtype=np.uint8)
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_FROMBUFFER = _SOLID.__reduce_ex__(5)[0]
+
+
+_CALL = "refused to call "
+_GLOBAL = "refused to load global "
+
+
+@pytest.mark.parametrize(
+    ("hostile", "refusal"),
+    [
+        (_Reduces(codecs.encode, "x", "vitlab_spy"), _CALL + r"_codecs\.encode\(str, 'vitlab_spy'\)"),
+        (_Reduces(codecs.encode, "x", "utf-16"), _CALL + r"_codecs\.encode\(str, 'utf-16'\)"),
+        (_Reduces(codecs.encode, "x", "rot13"), _CALL + r"_codecs\.encode\(str, 'rot13'\)"),
+        (_Reduces(codecs.encode, b"x\x9c", "zlib"), _CALL + r"_codecs\.encode\(bytes, 'zlib'\)"),
+        (
+            _Reduces(codecs.encode, "x", "latin1", "strict"),
+            _CALL + r"_codecs\.encode\(str, 'latin1', 'strict'\)",
+        ),
+        (_Reduces(codecs.decode, b"x", "zlib"), _GLOBAL + r"_codecs\.decode"),
+        (_Reduces(bytes, 10**12), _CALL + r"bytes\(1000000000000,\)"),
+        (_Reduces(bytearray, 10**12), _GLOBAL + r"(__builtin__|builtins)\.bytearray"),
+        (
+            _Reduces(_RECONSTRUCT, np.ndarray, (10**12,), b"b"),
+            _CALL + r"_reconstruct\(numpy\.ndarray, \(10+,\)",
+        ),
+        (_Reduces(_FROMBUFFER, "text", np.dtype("u1"), (4,), "C"), _CALL + "_frombuffer with str"),
+        (
+            _Reduces(_FROMBUFFER, b"12345678", np.dtype("O"), (1,), "C"),
+            _CALL + "_frombuffer with bytes, dtype",
+        ),
+        (_Reduces(np.frombuffer, b"1234"), _GLOBAL + r"numpy\.frombuffer"),
+        (_Reduces(np.load, "/etc/passwd"), _GLOBAL + r"numpy\.load"),
+        (_Reduces(getattr, 1, "real"), _GLOBAL + r"(__builtin__|builtins)\.getattr"),
+    ],
+    ids=[
+        "encode-spy-codec",
+        "encode-utf16",
+        "encode-rot13",
+        "encode-bytes-zlib",
+        "encode-three-args",
+        "decode",
+        "bytes-of-a-size",
+        "bytearray",
+        "reconstruct-a-shape",
+        "frombuffer-str",
+        "frombuffer-objects",
+        "numpy-frombuffer",
+        "numpy-load",
+        "getattr",
+    ],
+)
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_allowed_globals_refuse_every_call_no_writer_makes(tmp_path, spy_codec, hostile, refusal, protocol):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": hostile}, protocol=protocol))
+    with pytest.raises(VitlabError, match=refusal) as caught:
+        load_pickle(path)
+    _one_line_naming(caught, str(path))
+    assert spy_codec.calls == []
+
+
+def test_numpy_ndarray_itself_is_never_called(tmp_path):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(_Reduces(np.ndarray, (10**6, 10**6)), protocol=2))
+    with pytest.raises(VitlabError, match=r"not a valid CIFAR pickle .*not callable"):
+        load_pickle(path)
+
+
+def test_a_key_both_as_str_and_as_bytes_is_an_error(tmp_path):
+    files = official_files(n_train=5, n_test=5)
+    files["data_batch_1"][b"data"] = files["data_batch_1"]["data"]
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    for name, payload in files.items():
+        (tmp_path / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(payload, 2))
+    with pytest.raises(VitlabError, match="the same key both as str and as bytes") as caught:
+        parse_cifar(tmp_path, DATASETS["cifar10"])
+    _one_line_naming(caught, "cifar-10-batches-py/data_batch_1")
 
 
 # --- parsing ----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""The training-throughput benchmark's own arithmetic, and a smoke run of it (its figures are not tested:
-speed belongs to the benchmark, never to a unit test)."""
+"""The training benchmarks' own arithmetic, and smoke runs of them (their figures are not tested: speed
+belongs to the benchmark, never to a unit test)."""
 
+import os
 import re
 import subprocess
 import sys
 
+import pytest
 from benchmark_modules import BENCHMARKS, load_benchmark
 
 from vitlab.models import build_model, preset_spec
@@ -78,3 +80,30 @@ def test_the_benchmark_runs_and_prints_both_tables():
     assert all(re.search(r"\| [\d,]+ \(\d+%\) \|", row) for row in rows[1:4])  # GFLOP/s (share of peak)
     assert re.fullmatch(r"\| tinyvit( \| [\d,]+){3} \| \d+\.\d\dx \|", rows[5])  # the ceiling
     assert rows[7].startswith("| cnn-small | 25,578 | ") and rows[8].startswith("| mlp | 1,707,274 | ")
+
+
+def test_the_under_load_benchmark_runs_every_configuration_idle_and_loaded():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_under_load.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == list(
+        load_benchmark("bench_under_load").CONFIGS
+    )
+    assert "| unset, GOMP_SPINCOUNT=300000 |" in rows[0] and "| PASSIVE |" in rows[1]
+    assert re.search(r"after / before: idle [\d.]+x, with 1 busy core\(s\) [\d.]+x", done.stdout)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "active"}, "active"), ({"GOMP_SPINCOUNT": "1000"}, None)],
+)
+def test_importing_vitlab_makes_openmp_threads_sleep_unless_the_user_chose(env, expected):
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    probe = "import os, vitlab; print(os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=base | env, capture_output=True, text=True)
+    assert done.stdout.strip() == str(expected)

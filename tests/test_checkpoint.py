@@ -1,12 +1,17 @@
+import math
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cifar_fakes import make_dataset
 
 from vitlab.checkpoint import Normalization, load_checkpoint, save_checkpoint
+from vitlab.cli import main
+from vitlab.data.prepared import save_prepared
 from vitlab.errors import VitlabError
 from vitlab.models import build_model
 
@@ -48,8 +53,99 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["config"]["channels"] = [8, 8]
     torch.save(payload, path)
-    with pytest.raises(VitlabError, match="weights do not fit a cnn"):
+    with pytest.raises(VitlabError, match="weights do not fit a cnn") as error:
         load_checkpoint(path)
+    # torch's own message has the detail past its first line: the misshapen keys are named.
+    assert str(error.value).endswith(
+        ": shapes (file vs model) differ for features.0.weight (16, 3, 3, 3) vs (8, 3, 3, 3), "
+        "features.0.bias (16,) vs (8,), features.3.weight (32, 16, 3, 3) vs (8, 8, 3, 3) and 2 more"
+    )
+
+
+TINY_VIT = {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "num_classes": 3}
+
+
+@pytest.mark.parametrize(
+    ("wrap", "prefix", "wrapper"),
+    [
+        (torch.nn.DataParallel, "module.", "DataParallel or DistributedDataParallel"),
+        (torch.compile, "_orig_mod.", "torch.compile"),
+    ],
+    ids=["data-parallel", "compile"],
+)
+def test_a_wrapped_models_weights_name_the_keys_and_the_prefix_to_strip(tmp_path, wrap, prefix, wrapper):
+    model = build_model("vit", TINY_VIT)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, ["a", "b", "c"], NORM, "toy")
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = wrap(model).state_dict()  # what saving the wrapper instead of the model gives
+    torch.save(payload, path)
+    with pytest.raises(VitlabError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: weights do not fit a vit with config ")
+    n = len(model.state_dict())
+    assert message.endswith(
+        f": missing cls_token, pos_embed, patch_embed.weight and {n - 3} more; "
+        f"unexpected {prefix}cls_token, {prefix}pos_embed, {prefix}patch_embed.weight and {n - 3} more "
+        f"(every unexpected key starts with '{prefix}': saved from a model wrapped in {wrapper}; "
+        f"strip the prefix, {{k.removeprefix('{prefix}'): w for k, w in state_dict.items()}}, and it fits)"
+    )
+    # The advice works.
+    payload["state_dict"] = {k.removeprefix(prefix): w for k, w in payload["state_dict"].items()}
+    torch.save(payload, path)
+    assert load_checkpoint(path).class_names == ["a", "b", "c"]
+
+
+def test_prefixed_weights_of_another_model_are_not_said_to_fit_once_stripped(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, build_model("vit", TINY_VIT), ["a", "b", "c"], NORM, "toy")
+    payload = torch.load(path, weights_only=True)
+    other = build_model("vit", TINY_VIT | {"dim": 32})
+    payload["state_dict"] = {f"module.{k}": w for k, w in other.state_dict().items()}
+    torch.save(payload, path)
+    stripped_does_not_fit = r"starts with 'module\.': .*; even without the prefix the weights do not fit"
+    with pytest.raises(VitlabError, match=stripped_does_not_fit):
+        load_checkpoint(path)
+
+
+def _diverged_checkpoint(path) -> list[str]:
+    """A checkpoint with NaN attention weights and an infinite head, as a diverged run leaves: their names."""
+    model = build_model("vit", TINY_VIT)
+    poisoned = []
+    with torch.no_grad():
+        for name, weight in model.state_dict().items():
+            if ".attn." in name or name.startswith("head."):
+                weight.fill_(math.inf if name.startswith("head.") else math.nan)
+                poisoned.append(name)
+    save_checkpoint(path, model, ["a", "b", "c"], NORM, "toy")
+    return poisoned
+
+
+def test_a_diverged_checkpoint_is_refused_naming_its_non_finite_weights(tmp_path):
+    path = tmp_path / "model.pt"
+    poisoned = _diverged_checkpoint(path)
+    total = len(torch.load(path, weights_only=True)["state_dict"])
+    with pytest.raises(VitlabError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (
+        f"{path}: {len(poisoned)} of {total} weight tensors hold NaN or infinite values "
+        f"({', '.join(poisoned[:3])} and {len(poisoned) - 3} more): the training run diverged; "
+        "retrain with a lower train.learning_rate"
+    )
+
+
+def test_the_evaluate_stage_refuses_a_diverged_model_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    save_prepared(make_dataset(n_train=20, n_test=10, num_classes=3), "data/prepared")
+    _diverged_checkpoint(Path("models/model.pt"))
+    Path("params.yaml").write_text("train:\n  device: cpu\n")
+    assert main(["stage", "evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: models/model.pt: 6 of 20 weight tensors hold NaN") and err.count("\n") == 1
+    assert "the training run diverged" in err
+    assert not Path("reports").exists()
 
 
 def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path):

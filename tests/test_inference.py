@@ -1,8 +1,11 @@
 import json
 import re
+import struct
 import subprocess
 import sys
 import threading
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,14 @@ from serving_fixtures import NORM, cifar_images, class_names, export_plain_onnx,
 from vitlab import inference
 from vitlab.errors import VitlabError
 from vitlab.export import export_onnx
-from vitlab.inference import Classifier, classify_files, expand_inputs, load_image, select_providers
+from vitlab.inference import (
+    Classifier,
+    classify_files,
+    expand_inputs,
+    image_extensions,
+    load_image,
+    select_providers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +197,73 @@ def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own check, should a user lower it
     with pytest.raises(VitlabError, match="decompression bomb"):
         load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000)  # where Pillow only warns: refused all the same
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(VitlabError, match=r"100x100 image exceeds the 8,000-pixel limit"):
+            load_image(path)
+    assert caught == []
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` 8-bit gray pixels but holds a few: what a bomb's opening
+    looks like to Image.open, which reads no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 100)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("size", "refusal"),
+    [
+        ((10_000, 9_000), "10000x9000 image exceeds the 64,000,000-pixel limit"),
+        ((20_000, 9_000), "refused as a possible decompression bomb (Image size (180000000 pixels)"),
+    ],
+    ids=["past-pillows-warning", "past-pillows-error"],
+)
+def test_pillows_bomb_limits_are_a_clean_refusal_without_its_warning(tmp_path, size, refusal):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header(*size))
+    assert size[0] * size[1] > Image.MAX_IMAGE_PIXELS  # Pillow's own check fires before vitlab's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(VitlabError) as error:
+            load_image(path)
+    assert str(error.value).startswith(f"{path}: {refusal}") and "\n" not in str(error.value)
+    assert [w.category.__name__ for w in caught] == []  # no DecompressionBombWarning
+
+
+def test_vitlab_predict_refuses_a_bomb_with_one_line_and_nothing_else_on_stderr(vit, pngs, tmp_path):
+    # A subprocess: under pytest a warning is collected by pytest instead of reaching stderr.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(10_000, 9_000))
+    good = pngs[1][0]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vitlab.cli",
+            "predict",
+            str(vit[1]),
+            str(bomb),
+            str(good),
+            "--provider",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    lines = dict(line.split("\t", 1) for line in done.stdout.splitlines())
+    assert set(lines) == {str(bomb), str(good)}
+    assert lines[str(bomb)] == "error: 10000x9000 image exceeds the 64,000,000-pixel limit"
+    assert not lines[str(good)].startswith("error")
+    assert done.stderr == "1 of 2 images could not be classified\n"  # no DecompressionBombWarning
 
 
 def test_bad_files_become_error_predictions_and_the_rest_still_runs(classifier, pngs, tmp_path):
@@ -318,3 +395,56 @@ def test_expand_inputs_finds_images_in_files_folders_and_patterns(tmp_path, monk
     (tmp_path / "empty").mkdir()
     with pytest.raises(VitlabError, match=r"^empty: folder holds no images"):
         expand_inputs(["empty"])
+
+
+_COMMON_FORMATS = {
+    ".jpe": {},
+    ".jpg": {},
+    ".jpeg": {},
+    ".gif": {},
+    ".tif": {},
+    ".tiff": {"compression": "tiff_lzw"},
+    ".png": {},
+    ".bmp": {},
+    ".webp": {"lossless": True},
+}
+
+
+def test_a_folder_scan_finds_every_file_pillow_reads_by_the_same_rule_as_naming_it(classifier, tmp_path):
+    images, _ = cifar_images(len(_COMMON_FORMATS))
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    wanted = []
+    for (suffix, options), image in zip(_COMMON_FORMATS.items(), images, strict=True):
+        # Searched recursively and whatever the case of the extension.
+        path = (
+            folder / "sub" / "photo.gif"
+            if suffix == ".gif"
+            else folder / f"photo{suffix.replace('tif', 'TIF')}"
+        )
+        Image.fromarray(image).save(path, **options)
+        wanted.append(path)
+    for name in ("notes.txt", "labels.csv", "clip.mpg", "table.h5", "scan.pdf"):
+        (folder / name).write_bytes(b"not an image")
+
+    found = expand_inputs([str(folder)])
+    assert found == sorted(wanted, key=str)  # every image, no other file
+    results = classify_files(classifier, found)
+    assert [r.error for r in results] == [None] * len(wanted)
+    # Named directly, each gives the same answer; a non-image named directly is an error line, as before.
+    direct = classify_files(classifier, expand_inputs([str(p) for p in found] + [str(folder / "notes.txt")]))
+    labels = {r.path: r.labels for r in direct if r.path != str(folder / "notes.txt")}
+    assert labels == {r.path: r.labels for r in results}
+    assert [r.error for r in direct if r.path not in labels] == ["not an image Pillow can read"]
+    with pytest.raises(VitlabError, match="pattern matches no image files"):
+        expand_inputs([str(folder / "*.[mp][pd]?")])  # clip.mpg, scan.pdf: searched like a folder
+
+
+def test_image_extensions_are_the_formats_pillow_decodes():
+    extensions = image_extensions()
+    assert set(_COMMON_FORMATS) <= extensions
+    assert all(ext.startswith(".") and ext == ext.lower() for ext in extensions)
+    # Save-only (PDF), header-only (MPEG) and stub formats (HDF5) are not images Pillow can decode.
+    assert not {".pdf", ".mpg", ".mpeg", ".h5", ".txt", ".csv"} & extensions
+    registered = Image.registered_extensions()
+    assert all(registered[ext] in Image.OPEN or registered[ext] == "MPO" for ext in extensions)

@@ -42,20 +42,20 @@ def test_committed_params_file_is_valid_and_complete():
         ({"model": {"stem": "conv", "patch_size": 1}}, "model.stem=conv halves the image per conv stage"),
         ({"model": {"pos_embed": "sincos", "dim": 30, "heads": 3}}, "model.pos_embed=sincos needs model.dim"),
         ({"model": {"pool": "max"}}, "model.pool: got 'max'; input should be 'cls' or 'mean'"),
-        ({"model": {"drop_path": 1.0}}, "model.drop_path: Input should be less than 1"),
+        ({"model": {"drop_path": 1.0}}, "model.drop_path: got 1.0; allowed: >= 0.0 and < 1.0"),
         (
             {"model": {"name": "resnet", "resnet_widths": [8, 16]}},
             "model.resnet_widths has 2 stages but model.resnet_blocks 3",
         ),
         ({"data": {"dataset": "imagenet"}}, "data.dataset: got 'imagenet'; input should be 'cifar10-sample'"),
-        ({"train": {"learning_rate": 0}}, "train.learning_rate: Input should be greater than 0"),
-        ({"train": {"learning_rate": -1e-3}}, "train.learning_rate: Input should be greater than 0"),
-        ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0"),
-        ({"train": {"batch_size": -8}}, "train.batch_size: Input should be greater than 0"),
+        ({"train": {"learning_rate": 0}}, "train.learning_rate: got 0; allowed: > 0.0"),
+        ({"train": {"learning_rate": -1e-3}}, "train.learning_rate: got -0.001; allowed: > 0.0"),
+        ({"train": {"epochs": 0}}, "train.epochs: got 0; allowed: > 0"),
+        ({"train": {"batch_size": -8}}, "train.batch_size: got -8; allowed: > 0"),
         ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
         ({"train": {"epochs": 2, "warmup_epochs": 3}}, "train.warmup_epochs=3.0 must be smaller than"),
         ({"data": {"source": "mirror.tar.gz"}}, "data.md5 is required when data.source is set"),
-        ({"data": {"val_fraction": 1.5}}, "data.val_fraction: Input should be less than 1"),
+        ({"data": {"val_fraction": 1.5}}, "data.val_fraction: got 1.5; allowed: >= 0.0 and < 1.0"),
     ],
 )
 def test_bad_params_name_the_key(raw, expected):
@@ -98,3 +98,24 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(VitlabError, match="expected a mapping of sections"):
         load_params(bad)
+
+
+def test_an_uppercase_md5_is_accepted_and_stored_lowercase(tmp_path):
+    digest = "C58F30108F718F92721AF3B95E74349A"  # as PowerShell's Get-FileHash prints it
+    params = parse_params({"data": {"source": "mirror.tar.gz", "md5": digest}})
+    assert params.data.md5 == digest.lower()
+    mixed = tmp_path / "params.yaml"
+    mixed.write_text(f"data:\n  source: mirror.tar.gz\n  md5: {digest[:16]}{digest[16:].lower()}\n")
+    assert load_params(mixed).data.md5 == digest.lower()
+    assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
+
+
+@pytest.mark.parametrize(
+    "md5",
+    ["a" * 31, "a" * 33, "g" * 32, "C58F30108F718F92721AF3B95E74349 ", "0x" + "a" * 30, "a" * 32 + "\n"],
+)
+def test_a_malformed_md5_is_a_one_line_error_naming_the_key(md5):
+    with pytest.raises(VitlabError) as error:
+        parse_params({"data": {"source": "mirror.tar.gz", "md5": md5}}, origin="params.yaml")
+    message = str(error.value)
+    assert message.startswith("params.yaml: data.md5: ") and "\n" not in message

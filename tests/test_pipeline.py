@@ -106,6 +106,22 @@ def test_repro_writes_every_output(clone):
     assert json.loads(status.stdout) == {}, "dvc repro left stages out of date"
 
 
+def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(clone):
+    root, env = clone
+    code = root / "src" / "vitlab" / "stages" / "evaluate.py"
+    original = code.read_text()
+    rounding = '"test_loss": round(result.loss, 6)'
+    assert rounding in original
+    try:
+        code.write_text(original.replace(rounding, '"test_loss": round(result.loss, 3)'))
+        status = json.loads(_run(["dvc", "status", "--json"], root, env).stdout)
+        # What follows evaluate re-runs with `dvc repro` only if evaluate's outputs change; download never.
+        assert list(status) == ["evaluate"]
+    finally:
+        code.write_text(original)
+    assert json.loads(_run(["dvc", "status", "--json"], root, env).stdout) == {}
+
+
 def test_predict_cli_agrees_with_pytorch_on_real_test_images(clone, tmp_path):
     root, env = clone
     import torch

@@ -10,7 +10,6 @@ from vitlab.models import ARCHITECTURES, PRESETS, build_model, count_parameters,
 from vitlab.models import vit as vit_module
 from vitlab.models.__main__ import preset_table
 from vitlab.params import ARCH_PARAMS, ModelParams, parse_params
-from vitlab.stages import model_config
 
 # Computed by hand (tests/test_models.py has the per-layer formulas) and cross-checked against timm's
 # VisionTransformer with the identical configuration (below). For 10 classes unless stated.
@@ -103,7 +102,7 @@ def test_a_preset_in_params_builds_the_presets_model(name):
     params = parse_params({"model": {"preset": name}})
     arch, config = preset_spec(name)
     assert params.model.name == arch
-    built = model_config(params, 10)
+    built = params.model.arch_config(10)
     assert {key: built[key] for key in config} == config
     assert count_parameters(build_model(arch, built)) == EXPECTED_PARAMETERS[name, 10]
 

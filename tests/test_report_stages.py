@@ -43,7 +43,7 @@ def pipeline(request, tmp_path_factory):
         }
     )
     for stage in ("train", "evaluate", "attention"):
-        stages.STAGES[stage](params, layout)
+        stages.stage_function(stage)(params, layout)
     yield request.param, layout, run
     monkeypatch.undo()
 

@@ -1,18 +1,27 @@
 import dataclasses
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from cifar_fakes import make_dataset
 
+from vitlab import train as train_module
 from vitlab.checkpoint import Normalization
-from vitlab.data.prepared import Split
+from vitlab.cli import main
+from vitlab.data.prepared import Split, save_prepared
+from vitlab.device import select_device
 from vitlab.errors import VitlabError
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model
 from vitlab.params import TrainParams, parse_params
-from vitlab.train import TrainConfig, select_device, split_train_val, train, warmup_cosine
+from vitlab.train import TrainConfig, split_train_val, train, warmup_cosine
 
 
 def _separable_split(n: int, seed: int = 0) -> Split:
@@ -161,11 +170,177 @@ def test_every_train_param_reaches_the_train_config():
     ("train", "message"),
     [
         ({"augment": "trivialaugment"}, "train.augment: got 'trivialaugment'"),
-        ({"random_erasing": 1.5}, "train.random_erasing: Input should be less than or equal to 1"),
-        ({"time_budget_s": 0}, "train.time_budget_s: Input should be greater than 0"),
+        ({"random_erasing": 1.5}, "train.random_erasing: got 1.5; allowed: >= 0.0 and <= 1.0"),
+        ({"time_budget_s": 0}, "train.time_budget_s: got 0; allowed: > 0.0"),
         ({"amp": "fp16"}, "train.amp: got 'fp16'"),
     ],
 )
 def test_bad_train_options_are_one_line_errors_naming_the_key(train, message):
     with pytest.raises(VitlabError, match=re.escape(message)):
         parse_params({"train": train})
+
+
+# Diverges with learning_rate 100 and no warmup within 2 epochs of 4 steps (that of test_report_stages).
+DIVERGING_VIT = ("vit", {"num_classes": 2, "patch_size": 8, "dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32})
+DIVERGED = re.compile(
+    r"training diverged at epoch (\d)/(\d+), step (\d+)/(\d+) \((.*)\): lower train\.learning_rate "
+    r"\(now ([\d.e+-]+)\), raise train\.warmup_epochs \(now ([\d.]+)\) or check the data; "
+    r"the same params would diverge again"
+)
+
+
+def _diverging(spec, data, tmp_path, **options) -> tuple[VitlabError, list[dict], Path]:
+    """Train until the VitlabError that stops a diverged run: it, the epochs reported, the state file."""
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 32, "device": "cpu", "seed": 5} | options)
+    torch.manual_seed(0)
+    model = build_model(*spec) if isinstance(spec, tuple) else spec
+    seen, state = [], tmp_path / "state.pt"
+    with pytest.raises(VitlabError) as error:
+        train(model, data, None, Normalization.from_images(data.images), cfg, seen.append, state)
+    assert "\n" not in str(error.value)
+    return error.value, seen, state
+
+
+def _assert_no_state_of(epoch: int, state: Path) -> None:
+    """The resume state holds the epoch before the diverged one (no file for epoch 1), with finite weights."""
+    if epoch == 1:
+        assert not state.exists()
+        return
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == epoch - 1
+    for weights in (saved["model"], saved["best_model"]):
+        assert all(w.isfinite().all() for w in weights.values())
+
+
+def test_a_diverging_run_stops_at_once_naming_the_step_and_the_params_to_change(tmp_path):
+    error, seen, state = _diverging(
+        DIVERGING_VIT, _separable_split(128, seed=1), tmp_path, learning_rate=100, warmup_epochs=0
+    )
+    found = DIVERGED.fullmatch(str(error))
+    assert found, error
+    epoch, epochs, step, steps, what, lr, warmup = found.groups()
+    assert (epochs, steps, lr, warmup) == ("2", "4", "100", "0")
+    assert 1 <= int(step) <= 4
+    assert re.fullmatch(r"loss \S+, gradient norm \S+", what)
+    assert not all(math.isfinite(float(v)) for v in re.findall(r"(?:loss|norm) (\S+?)(?:,|$)", what))
+    assert [row["epoch"] for row in seen] == list(range(1, int(epoch)))  # the diverged epoch is not reported
+    _assert_no_state_of(int(epoch), state)
+
+
+def _poisoned_cross_entropy(monkeypatch, call: int) -> None:
+    """The loss of the ``call``-th training step (1-based) becomes NaN, gradients and all."""
+    calls = iter(range(1, 10**6))
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        return loss * math.nan if next(calls) == call else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+
+
+@pytest.mark.parametrize("every", [1, 3], ids=["read-every-step", "read-every-3-steps"])
+def test_a_nan_loss_names_its_own_step_however_often_the_check_reads(tmp_path, monkeypatch, every):
+    # Every 3 steps: as on a GPU, where reading each step would stall it; the NaN of step 2 is read at 3.
+    monkeypatch.setitem(train_module._CHECK_EVERY, "cpu", every)
+    _poisoned_cross_entropy(monkeypatch, call=4 + 2)  # 4 steps an epoch: epoch 2, step 2
+    error, seen, state = _diverging(TINY_VIT, _separable_split(128, seed=1), tmp_path, epochs=3)
+    assert str(error).startswith("training diverged at epoch 2/3, step 2/4 (loss nan, gradient norm nan): ")
+    assert DIVERGED.fullmatch(str(error))
+    assert [row["epoch"] for row in seen] == [1]
+    _assert_no_state_of(2, state)
+
+
+def test_an_infinite_gradient_with_a_finite_loss_stops_training(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(*TINY_VIT)
+    calls = iter(range(1, 10**6))
+    model.head.weight.register_hook(lambda g: torch.full_like(g, math.inf) if next(calls) == 3 else g)
+    error, seen, state = _diverging(model, _separable_split(128, seed=1), tmp_path)
+    assert re.match(
+        r"training diverged at epoch 1/2, step 3/4 \(loss \d\.\d+, gradient norm inf\): ", str(error)
+    )
+    assert seen == []
+    _assert_no_state_of(1, state)
+
+
+def test_weights_that_overflow_at_the_last_step_of_an_epoch_stop_training(tmp_path):
+    # A weight decay past float32's range makes AdamW's decoupled decay overflow the weights, while the
+    # loss and gradient of that step are finite: only the check of the weights at the epoch's end sees it.
+    error, _, state = _diverging(
+        TINY_VIT, _separable_split(32, seed=1), tmp_path, batch_size=32, weight_decay=1e45, warmup_epochs=0
+    )
+    assert re.match(
+        r"training diverged at epoch 1/2, step 1/1 \(weights not finite after it; loss \d\.\d+, "
+        r"gradient norm \d\.\d+\): lower train\.learning_rate \(now 0\.001\), raise train\.warmup_epochs",
+        str(error),
+    )
+    _assert_no_state_of(1, state)
+
+
+def test_bf16_names_train_amp_among_the_params_to_change(tmp_path, monkeypatch):
+    _poisoned_cross_entropy(monkeypatch, call=1)
+    error, _, _ = _diverging(TINY_VIT, _separable_split(32, seed=1), tmp_path, amp="bf16")
+    assert ", set train.amp to off (now bf16) or check the data" in str(error)
+
+
+def _stage_folder(folder: Path, model: dict, train_options: dict) -> None:
+    """Prepared fake data and a params.yaml in ``folder``: what the train stage reads."""
+    save_prepared(make_dataset(n_train=120, n_test=10, num_classes=4), folder / "data" / "prepared")
+    train_options = {"epochs": 2, "batch_size": 32, "device": "cpu"} | train_options
+    (folder / "params.yaml").write_text(yaml.safe_dump({"model": model, "train": train_options}))
+
+
+def _assert_no_result(folder: Path) -> None:
+    """Nothing that could pass for a trained model: no checkpoint, no metrics, no history."""
+    assert not (folder / "models" / "model.pt").exists()
+    assert not (folder / "reports" / "train").exists()
+
+
+def test_the_train_stage_of_a_diverging_run_fails_in_one_line_and_saves_no_result(
+    tmp_path, monkeypatch, capsys
+):
+    vit = {"name": "vit", "patch_size": 8, "dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32}
+    _stage_folder(tmp_path, vit, {"learning_rate": 100, "warmup_epochs": 0})
+    monkeypatch.chdir(tmp_path)
+    assert main(["stage", "train"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: training diverged at epoch ")
+    found = DIVERGED.fullmatch(err.removeprefix("error: "))
+    assert found and found.group(6, 7) == ("100", "0"), err
+    _assert_no_result(tmp_path)
+    _assert_no_state_of(int(found.group(1)), tmp_path / "models" / "train_state.pt")
+
+
+# Under torchrun: the gradient norm rank 1 sees at its 6th step (epoch 2, step 2) is infinite, on rank 1
+# alone: rank 0, with nothing wrong in sight, must stop too rather than wait for it in the next collective.
+DDP_STAGE = """
+import math, os, sys, torch
+from vitlab import train
+from vitlab.cli import main
+
+if os.environ["RANK"] == "1":
+    norms, calls = train._grad_norm, iter(range(1, 10**6))
+    train._grad_norm = lambda params: norms(params) * (math.inf if next(calls) == 6 else 1)
+sys.exit(main(["stage", "train"]))
+"""
+
+
+def test_under_torchrun_every_process_stops_at_the_step_one_of_them_diverged(tmp_path):
+    _stage_folder(tmp_path, {"name": "mlp", "mlp_hidden": [8]}, {"warmup_epochs": 1})
+    script = tmp_path / "stage.py"
+    script.write_text(DDP_STAGE)
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.run(
+        [*torchrun, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, run.stderr  # one per process: each stopped
+    assert errors[0] == errors[1]
+    assert re.match(
+        r"error: training diverged at epoch 2/2, step 2/4 \(loss \d\.\d+, gradient norm inf\)", errors[0]
+    )
+    _assert_no_result(tmp_path)
+    _assert_no_state_of(2, tmp_path / "models" / "train_state.pt")

@@ -82,7 +82,13 @@ def save_torch(path: str | Path, payload: Any) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a ``save_checkpoint`` file; weights_only=True: nothing but tensors and plain data is unpickled."""
+    """Load a ``save_checkpoint`` file; weights_only=True: nothing but tensors and plain data is unpickled.
+
+    Raises VitlabError, naming the file, for one that is missing, unreadable or not a vitlab checkpoint; for
+    weights that do not fit the architecture it names (the first missing, unexpected and misshapen keys, and
+    the wrapper whose prefix every unexpected key has, such as DistributedDataParallel's ``module.``); and
+    for non-finite weights, those of a training run that diverged.
+    """
     path = Path(path)
     if not path.is_file():
         raise VitlabError(f"{path}: no such checkpoint")
@@ -91,17 +97,84 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except UNREADABLE as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VitlabError(f"{path}: not a readable vitlab checkpoint ({reason})") from None
+    if not isinstance(payload, dict):
+        raise VitlabError(f"{path}: not a vitlab checkpoint (a {type(payload).__name__}, not a dict)")
     missing = {"arch", "config", "state_dict", "class_names", "mean", "std"} - set(payload)
     if missing:
         raise VitlabError(f"{path}: not a vitlab checkpoint (missing {', '.join(sorted(missing))})")
+    weights = payload["state_dict"]
+    if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
+        raise VitlabError(f"{path}: not a vitlab checkpoint (its state_dict is not a dict of tensors)")
     model = build_model(payload["arch"], payload["config"])
+    unfit = f"{path}: weights do not fit a {payload['arch']} with config {payload['config']}"
+    mismatch = _mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise VitlabError(f"{unfit}: {mismatch}")
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # keys and shapes fit: something rarer, and torch's detail is past line 1
+        raise VitlabError(f"{unfit} ({' '.join(str(error).split())})") from None
+    non_finite = [name for name, w in weights.items() if w.is_floating_point() and not w.isfinite().all()]
+    if non_finite:
         raise VitlabError(
-            f"{path}: weights do not fit a {payload['arch']} with config {payload['config']} "
-            f"({str(error).splitlines()[0]})"
-        ) from None
+            f"{path}: {len(non_finite)} of {len(weights)} weight tensors hold NaN or infinite values "
+            f"({_first(non_finite)}): the training run diverged; retrain with a lower train.learning_rate"
+        )
     model.to(device).eval()
     norm = Normalization(tuple(payload["mean"]), tuple(payload["std"]))
     return Checkpoint(model, list(payload["class_names"]), norm, payload.get("dataset", "unknown"))
+
+
+# What wraps a model and prefixes every key of its state_dict with the attribute holding the model.
+_WRAPPER_PREFIXES = {
+    "module.": "DataParallel or DistributedDataParallel",
+    "_orig_mod.": "torch.compile",
+}
+
+
+def _mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """Why ``given`` does not load into a model whose state_dict is ``expected`` ("" if it fits)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshapen = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(w.shape)}"
+        for k, w in expected.items()
+        if k in given and given[k].shape != w.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {_first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_first(unexpected)}")
+    if misshapen:
+        parts.append(f"shapes (file vs model) differ for {_first(misshapen)}")
+    return "; ".join(parts) + _wrapper_hint(unexpected, given, expected)
+
+
+def _wrapper_hint(unexpected: list[str], given: dict[str, torch.Tensor], expected: dict[str, Any]) -> str:
+    """Names the wrapper(s) whose prefix every unexpected key has, and says whether stripping it fits."""
+    prefixes = {_wrapper_prefix(k) for k in unexpected}
+    if len(prefixes) != 1 or "" in prefixes:
+        return ""
+    (prefix,) = prefixes
+    wrappers = ", then ".join(_WRAPPER_PREFIXES[p + "."] for p in reversed(prefix.split(".")[:-1]))
+    stripped = {k.removeprefix(prefix): w.shape for k, w in given.items()}
+    if stripped != {k: w.shape for k, w in expected.items()}:
+        fix = "even without the prefix the weights do not fit this model"
+    else:
+        strip = f"{{k.removeprefix({prefix!r}): w for k, w in state_dict.items()}}"
+        fix = f"strip the prefix, {strip}, and it fits"
+    return f" (every unexpected key starts with {prefix!r}: saved from a model wrapped in {wrappers}; {fix})"
+
+
+def _wrapper_prefix(key: str) -> str:
+    """The wrappers' prefixes at the start of ``key``, nested ones included ("_orig_mod.module.")."""
+    prefix = ""
+    while found := next((p for p in _WRAPPER_PREFIXES if key.startswith(prefix + p)), None):
+        prefix += found
+    return prefix
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    """The first ``n`` of ``names``, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

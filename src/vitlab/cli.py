@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from vitlab import __version__
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, exit_code
 
 app = typer.Typer(
     help="Vision Transformers on CIFAR: a reproducible pipeline (dvc repro) and ONNX Runtime inference.",
@@ -85,12 +85,9 @@ def stage(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Run one pipeline stage here, exactly as `dvc repro` does (outputs under data/, models/, reports/)."""
-    from vitlab.params import load_params
-    from vitlab.stages import STAGES, Layout
+    from vitlab.stages import run_stage
 
-    if name not in STAGES:
-        raise VitlabError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
-    STAGES[name](load_params(params), Layout())
+    run_stage(name, params)
 
 
 @app.command("params")
@@ -132,7 +129,8 @@ def compare(
     to the CNN baseline, accuracy vs patch size and validation curves (writes reports/compare/)."""
     from vitlab.compare import run_study, study_variants
     from vitlab.params import parse_params
-    from vitlab.stages import Layout, compare_experiments
+    from vitlab.stages import Layout
+    from vitlab.stages.compare import compare_experiments
 
     names = list(exp or [])
     if run:
@@ -150,26 +148,11 @@ def compare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app, turning a VitlabError or OSError into one line on stderr and exit code 2."""
+    """Entry point: runs the app; a VitlabError or OSError is one line on stderr and exit code 2."""
     try:
-        app(args=argv, prog_name="vitlab")  # standalone: click reports usage errors and exits itself
-    except (VitlabError, OSError) as error:  # OSError: one the library did not anticipate (disk, permissions)
-        if os.environ.get("VITLAB_DEBUG"):
-            raise
-        typer.echo(f"error: {_one_line(error)}", err=True)
-        return 2
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
+        return exit_code(lambda: app(args=argv, prog_name="vitlab"))  # click reports usage errors itself
     except SystemExit as done:  # click ends every standalone run this way, success included
         return done.code if isinstance(done.code, int) else int(done.code is not None)
-    return 0
-
-
-def _one_line(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    return str(error)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,38 @@
-"""The one exception type users see as a clean one-line message (the CLI and the stages catch it)."""
+"""The one exception type users see as a clean one-line message, and the one place that prints it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
 
 
 class VitlabError(Exception):
     """A problem with the user's input, data or environment that has a clear, actionable message."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when the message is empty)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def exit_code(action: Callable[[], object]) -> int:
+    """Run ``action`` as a command: 0 when it returns; a VitlabError or OSError (disk full, permissions: one
+    the library did not anticipate) is printed as one line on stderr and gives 2, Ctrl-C gives 130.
+
+    With ``VITLAB_DEBUG=1`` (``vitlab --debug``) the error propagates with its traceback instead.
+    """
+    try:
+        action()
+    except (VitlabError, OSError) as error:
+        if os.environ.get("VITLAB_DEBUG"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0

@@ -9,6 +9,7 @@ normalization stays in numpy on the serving side, where it is cheap and easy to 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,7 +33,8 @@ OUTPUT_NAME = "logits"
 ATTENTION_NAME = "attention"
 INPUT_LAYOUT = "NCHW float32 RGB 32x32, x = (pixels/255 - mean)/std"
 ATTENTION_LAYOUT = "(depth, N, heads, T, T) softmax weights; T = patches, + 1 with a CLS token (token 0)"
-QUANTIZATION_METHODS = ("dynamic", "static")
+QUANTIZATION_METHODS = ("weight_only", "static")
+WEIGHT_BLOCK_SIZE = 32  # input rows per weight scale (as llama.cpp's Q8_0); divides every ViT preset's widths
 
 
 class _WithAttention(nn.Module):
@@ -193,56 +195,57 @@ def ensure_parity(result: dict[str, Any], max_abs_diff: float, min_top1_agreemen
 def quantize_onnx(
     fp32_path: str | Path,
     int8_path: str | Path,
-    method: str = "dynamic",
+    method: str = "weight_only",
     calibration_images: np.ndarray | None = None,
 ) -> Path:
     """Write an int8 copy of a vitlab ONNX model, with the same inputs, outputs and metadata.
 
-    "dynamic" (the default) stores the MatMul weights as per-tensor int8 and quantizes their inputs per batch
-    at run time; convolutions stay fp32. "static" writes a QDQ graph whose activation ranges come from
-    ``calibration_images`` (uint8 (N, 32, 32, 3), real training images); on our ViT it was slower and no
-    more accurate (measured on the committed run: 45.4% vs 45.6% test accuracy, slower than fp32 on CPU).
-    """
-    # Imported here: the quantization tools pull in sympy and more, which plain exports never need.
-    from onnxruntime import quantization
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    Neither method scales anything by the other images in a call, so an image gets the same answer in any
+    batch; ``compare_accuracy`` measures it and ``ensure_int8_accuracy`` enforces it.
 
+    "weight_only" (the default): every MatMul weight (a ViT's attention and MLP projections) becomes int8,
+    symmetric, one fp32 scale per block of 32 input rows, run by ONNX Runtime's ``MatMulNBits`` contrib
+    operator with fp32 activations (accuracy_level 1); written by ONNX Runtime's ``MatMulNBitsQuantizer``
+    (bits=8). ``calibration_images`` is ignored. Gemm layers (a classifier head, an MLP's layers) and
+    convolutions stay fp32: on a CNN, a ResNet or an MLP nothing is quantized. Measured on every ViT preset:
+    logits bit for bit the same at batch 1, 3, 7, 32 and 64 (and 1 vs 256 on a trained tinyvit), 1 or 2
+    threads, within a few hundredths of fp32's. Turning the Gemms into MatMulNBits too (ORT's
+    ``replace_gemm_with_matmul``) would quantize the head, but on a 2-D input ORT's MatMul kernels round one
+    row differently from many: its logits moved by ~1e-6 at batch 1.
+    The price is batch-1 speed (0.7x fp32 on tinyvit, 2 cores; batch 256 within noise of fp32).
+
+    "static": a QDQ graph (uint8 activations, int8 weights per tensor) whose activation ranges are fixed in
+    advance from ``calibration_images`` (uint8 (N, 32, 32, 3), real training images), by ONNX Runtime's
+    ``quantize_static``; batch-independent too, but every activation is rounded to a fixed range: on trained
+    tinyvits its logits moved 0.2-0.45 from fp32's, 20-30x more than weight-only's, and 2-3% of top-1s.
+    Quantizes Gemm layers too.
+
+    ONNX Runtime's ``quantize_dynamic`` is not offered: it scales each MatMul's input by the range of the
+    whole batch at run time, so an image's answer depended on the other images in the call (top-1 changed
+    on 4 to 11 of 1,017 real test images between batch 1 and batch 256, depending on the model).
+
+    Raises VitlabError for an unknown method, "static" without calibration images, a model without vitlab
+    metadata, or a result that fails the ONNX checker; ``int8_path`` is replaced only on success.
+    """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     if method not in QUANTIZATION_METHODS:
-        raise VitlabError(f"unknown quantization method {method!r} (dynamic or static)")
+        raise VitlabError(f"unknown quantization method {method!r} ({' or '.join(QUANTIZATION_METHODS)})")
     if method == "static" and (calibration_images is None or len(calibration_images) == 0):
         raise VitlabError("static quantization needs calibration images")
     props = {p.key: p.value for p in onnx.load(fp32_path, load_external_data=False).metadata_props}
     if "class_names" not in props:
         raise VitlabError(f"{fp32_path}: no vitlab metadata; quantize a model written by export_onnx")
 
-    with tempfile.TemporaryDirectory(prefix="vitlab-quantize-") as work:
-        # Required, not optional: the dynamo export's stale value_info makes the quantizer's own shape
-        # inference fail ("Inferred shape and existing shape differ"); pre-processing re-infers every shape
-        # and turns the head's Gemm into a MatMul the quantizer handles like the others.
-        prepared = Path(work) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-        quantized = Path(work) / "int8.onnx"
-        if method == "dynamic":
-            # Per-tensor QInt8 weights: on the trained ViT, per-channel and QUInt8 were no more accurate
-            # (within 2 of 500 test images) and 3-7% slower.
-            # MatMul only (Gemm is a MatMul after pre-processing): ORT's ConvInteger is slower than its fp32
-            # Conv, 9x slower on the CNN in benchmarks/bench_inference.py.
-            quantization.quantize_dynamic(
-                prepared, quantized, op_types_to_quantize=["MatMul"], weight_type=quantization.QuantType.QInt8
-            )
-            description = "dynamic int8: MatMul weights QInt8 per-tensor, activations uint8 per batch"
-        else:
-            quantization.quantize_static(
-                prepared,
-                quantized,
-                _CalibrationReader(calibration_images, props),
-                quant_format=quantization.QuantFormat.QDQ,
-                activation_type=quantization.QuantType.QUInt8,
-                weight_type=quantization.QuantType.QInt8,
-            )
-            description = f"static int8 QDQ: min-max ranges of {len(calibration_images)} calibration images"
-        proto = onnx.load(quantized)
+    if method == "weight_only":
+        proto = _quantize_weight_only(onnx.load(fp32_path))
+        quantized = sum(node.op_type == "MatMulNBits" for node in proto.graph.node)
+        description = (
+            f"weight_only int8: {quantized} MatMul weights int8 symmetric in blocks of {WEIGHT_BLOCK_SIZE} "
+            "(MatMulNBits), fp32 activations; Gemm and Conv fp32"
+        )
+    else:
+        proto = _quantize_static(fp32_path, props, calibration_images)
+        description = f"static int8 QDQ: min-max ranges of {len(calibration_images)} calibration images"
 
     onnx.helper.set_model_props(proto, {**props, "quantization": description})
     try:
@@ -252,6 +255,62 @@ def quantize_onnx(
     with io.atomic_path(int8_path) as tmp:
         onnx.save_model(proto, tmp, format="protobuf", save_as_external_data=False)
     return int8_path
+
+
+def _quantize_weight_only(proto: onnx.ModelProto) -> onnx.ModelProto:
+    # The module calls logging.basicConfig(level=INFO) on import, which would print every later INFO record of
+    # the process, and logs a line per node: undo the first, silence the second.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    for handler in root.handlers[len(handlers) :]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    logger_level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=WEIGHT_BLOCK_SIZE,
+            is_symmetric=True,
+            # fp32 activations; 4 (int8 activations per row and block) was slower at batch 256, less exact.
+            accuracy_level=1,
+            bits=8,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+        quantizer.process()
+    finally:
+        logger.setLevel(logger_level)
+    return quantizer.model.model
+
+
+def _quantize_static(
+    fp32_path: Path, props: dict[str, str], calibration_images: np.ndarray
+) -> onnx.ModelProto:
+    # Imported here: the quantization tools pull in sympy and more, which plain exports never need.
+    from onnxruntime import quantization
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="vitlab-quantize-") as work:
+        # Required, not optional: the dynamo export's stale value_info makes the quantizer's own shape
+        # inference fail ("Inferred shape and existing shape differ"); pre-processing re-infers every shape.
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantized = Path(work) / "int8.onnx"
+        quantization.quantize_static(
+            prepared,
+            quantized,
+            _CalibrationReader(calibration_images, props),
+            quant_format=quantization.QuantFormat.QDQ,
+            activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8,
+        )
+        return onnx.load(quantized)
 
 
 class _CalibrationReader:
@@ -272,27 +331,58 @@ class _CalibrationReader:
 
 
 def compare_accuracy(
-    fp32_path: str | Path, int8_path: str | Path, images: np.ndarray, labels: np.ndarray
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Top-1 accuracy of both models through the serving path (``Classifier``, CPU) on labelled images."""
+    """Top-1 accuracy of both models through the serving path (``Classifier``, CPU) on labelled images, and
+    whether the int8 model answers each image the same alone as in a batch.
+
+    ``images`` uint8 (N, 32, 32, 3) RGB, ``labels`` int (N,). Both models run at ``batch_size``; the int8
+    model runs again one image per call. Returns fp32_accuracy, int8_accuracy (at ``batch_size``),
+    int8_accuracy_batch1, accuracy_delta_points (int8 at ``batch_size`` minus fp32, in points),
+    top1_agreement (fp32 vs int8), batch_size, top1_batch_changes (images whose int8 top-1 differs between
+    batch 1 and ``batch_size``), probability_batch_changes (images whose int8 probabilities are not bit for
+    bit the same), max_probability_batch_diff, num_images, int8_bytes and quantization (the int8 file's own
+    description). Raises VitlabError when there are no images or not one label per image.
+    """
     if len(images) == 0 or len(images) != len(labels):
         raise VitlabError(f"need as many labels as images, and some: got {len(images)} and {len(labels)}")
-    fp32 = Classifier(fp32_path, provider="cpu").predict(images).argmax(1)
-    int8 = Classifier(int8_path, provider="cpu").predict(images).argmax(1)
+    fp32 = Classifier(fp32_path, provider="cpu").predict(images, batch_size=batch_size).argmax(1)
+    int8_model = Classifier(int8_path, provider="cpu")
+    batched = int8_model.predict(images, batch_size=batch_size)
+    alone = int8_model.predict(images, batch_size=1)
+    int8, int8_alone = batched.argmax(1), alone.argmax(1)
     fp32_accuracy = float((fp32 == labels).mean())
     int8_accuracy = float((int8 == labels).mean())
+    props = {p.key: p.value for p in onnx.load(int8_path, load_external_data=False).metadata_props}
     return {
         "fp32_accuracy": fp32_accuracy,
         "int8_accuracy": int8_accuracy,
+        "int8_accuracy_batch1": float((int8_alone == labels).mean()),
         "accuracy_delta_points": round(100 * (int8_accuracy - fp32_accuracy), 4),
         "top1_agreement": float((fp32 == int8).mean()),
+        "batch_size": batch_size,
+        "top1_batch_changes": int((int8 != int8_alone).sum()),
+        "probability_batch_changes": int((batched != alone).any(axis=1).sum()),
+        "max_probability_batch_diff": float(np.abs(batched - alone).max()),
         "num_images": len(images),
         "int8_bytes": Path(int8_path).stat().st_size,
+        "quantization": props.get("quantization", ""),
     }
 
 
 def ensure_int8_accuracy(result: dict[str, Any], max_drop_points: float) -> None:
-    """Raise VitlabError when int8 top-1 accuracy falls more than ``max_drop_points`` below fp32's."""
+    """Raise VitlabError (one line) when ``compare_accuracy``'s int8 model gives any image a different top-1
+    at batch 1 than at its batch size, or its top-1 accuracy falls more than ``max_drop_points`` below fp32's.
+    """
+    if result["top1_batch_changes"]:
+        raise VitlabError(
+            f"int8 model's answer depends on the batch: {result['top1_batch_changes']} of "
+            f"{result['num_images']} images change top-1 between batch 1 and batch {result['batch_size']}"
+        )
     if not -result["accuracy_delta_points"] <= max_drop_points:
         raise VitlabError(
             f"int8 model loses {-result['accuracy_delta_points']:.2f} points of top-1 accuracy "

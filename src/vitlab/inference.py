@@ -8,23 +8,27 @@ normalization) is read from the ONNX file's metadata, written by ``vitlab.export
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vitlab.errors import VitlabError
 
 IMAGE_SIZE = 32
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 # 64 megapixels covers any camera; beyond it a small file is most likely a decompression bomb. Checked here
-# rather than through Image.MAX_IMAGE_PIXELS, which is process-wide state that warns before it refuses.
+# rather than through Image.MAX_IMAGE_PIXELS, which is process-wide state that warns before it refuses (its
+# warning, past 89 megapixels, is silenced: such an image is refused here anyway).
 MAX_PIXELS = 64_000_000
+# Formats Pillow opens but whose pixels it does not decode: it only reads an MPEG's header.
+_IDENTIFIED_ONLY = frozenset({"MPEG"})
 # Transparent pixels become white, as image viewers show them; CIFAR photos have no alpha, so any background
 # is a guess, and white is the one the user saw when looking at the file.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -37,24 +41,49 @@ _PROVIDERS = {
 }
 
 
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """The file extensions (lowercase, with the dot) of every format this Pillow can decode: what a folder or
+    pattern is searched for. A file named directly is read whatever its extension."""
+    from PIL import EpsImagePlugin
+
+    Image.init()  # registers every plugin
+    readable = {
+        name
+        for name, (factory, _) in Image.OPEN.items()
+        # Stubs (HDF5, GRIB, BUFR, WMF) need a handler vitlab never installs; EPS needs Ghostscript.
+        if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+        and name not in _IDENTIFIED_ONLY
+        and (name != "EPS" or EpsImagePlugin.has_ghostscript())
+    }
+    readable.add("MPO")  # multi-picture JPEGs: registered for saving, opened by the JPEG plugin
+    return frozenset(ext.lower() for ext, name in Image.registered_extensions().items() if name in readable)
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """Any PNG/JPEG/BMP/WebP -> uint8 (32, 32, 3) RGB: EXIF-rotated, alpha on white, center-cropped square,
-    Lanczos-downsampled (antialiased). A 32x32 RGB image comes back byte for byte."""
+    """Any image Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP...) -> uint8 (32, 32, 3) RGB: EXIF-rotated,
+    alpha on white, center-cropped square, Lanczos-downsampled (antialiased). A 32x32 RGB image comes back
+    byte for byte. An image over MAX_PIXELS (or Pillow's own limit) is refused before it is decoded."""
     path = Path(path)
     if not path.is_file():
         raise VitlabError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VitlabError(f"{path}: empty file")
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise VitlabError(f"{path}: {width}x{height} image exceeds the {MAX_PIXELS:,}-pixel limit")
-            # JPEGs decode at 1/2-1/8 scale (DCT scaling) while keeping 4x the output size: a 12 MP photo
-            # loads several times faster, and the Lanczos step still antialiases what is left.
-            image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
-            image.load()
-            return _to_cifar(ImageOps.exif_transpose(image))
+        with warnings.catch_warnings():
+            # Pillow warns (on stderr) past Image.MAX_IMAGE_PIXELS and refuses past twice that: the limit
+            # below refuses what it warns about, in one line, so its warning is only noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # should a user lower Pillow's
+                if width * height > limit:
+                    raise VitlabError(f"{path}: {width}x{height} image exceeds the {limit:,}-pixel limit")
+                # JPEGs decode at 1/2-1/8 scale (DCT scaling) while keeping 4x the output size: a 12 MP photo
+                # loads several times faster, and the Lanczos step still antialiases what is left.
+                image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
+                image.load()
+                return _to_cifar(ImageOps.exif_transpose(image))
     except UnidentifiedImageError:
         raise VitlabError(f"{path}: not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
@@ -219,7 +248,7 @@ def classify_files(
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Image files from files, folders (recursively, image extensions, no hidden files) and glob patterns;
+    """Image files from files, folders (recursively, image_extensions(), no hidden files) and glob patterns;
     sorted and deduplicated. A folder or pattern with no image, or a missing path, is a VitlabError."""
     found: dict[Path, Path] = {}
     for item in inputs:
@@ -227,7 +256,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if Path(item).is_dir():
             files = _images_under(Path(item))
             if not files:
-                raise VitlabError(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise VitlabError(
+                    f"{item}: folder holds no images (no file with an image extension: .jpg, .png...)"
+                )
         elif Path(item).is_file():
             files = [Path(item)]  # named explicitly: classified whatever its extension
         elif any(c in item for c in "*?["):
@@ -253,4 +284,4 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    return path.suffix.lower() in image_extensions() and path.is_file()

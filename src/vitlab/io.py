@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
@@ -68,6 +70,15 @@ def write_tsv(target: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Non
     lines = ["\t".join(columns)]
     lines += ["\t".join(_format_cell(row[c]) for c in columns) for row in rows]
     write_text(target, "\n".join(lines) + "\n")
+
+
+def write_csv(target: str | os.PathLike[str], header: list[str], rows: list[tuple]) -> None:
+    """Write a header and rows as CSV with ``\\n`` line ends (what ``dvc plots`` and pandas read)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(target, buffer.getvalue())
 
 
 def _format_cell(value: Any) -> str:

@@ -7,15 +7,29 @@ Every key has a type, a range and a default, and unknown keys are refused, so a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from vitlab.data.sources import DATASETS
 from vitlab.errors import VitlabError
+from vitlab.presets import PRESETS
 
 IMAGE_SIZE = 32
+# The ONNX opsets an export works at, measured for every architecture: torch's exporter writes opset 18 and up
+# (Split's num_outputs fails the checker at 17), and ONNX Runtime 1.31 runs up to 25 (the ViT fails at 26).
+OPSETS = (18, 25)
+# numpy's and torch's generators both take any seed in this range.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
 ModelName = Literal["vit", "cnn", "resnet", "mlp"]
 _VIT_KEYS = (
@@ -32,7 +46,7 @@ _VIT_KEYS = (
     "drop_path",
 )
 # The params keys each architecture reads, by the name of the config key they set (vitlab.models): presets
-# are written in config keys, and stages.model_config builds configs from params with this table.
+# are written in config keys, and ModelParams.arch_config builds configs from params with this table.
 ARCH_PARAMS: dict[str, dict[str, str]] = {
     "vit": {key: key for key in _VIT_KEYS},
     "cnn": {"channels": "cnn_channels", "dropout": "dropout"},
@@ -50,11 +64,14 @@ class DataParams(Section):
     source: str | None = Field(
         None, description="URL or local path of an archive that replaces the dataset's official source"
     )
-    md5: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="md5 of the archive at data.source")
+    # Either case is accepted (tools print md5s both ways) and stored lowercase, as the download compares it.
+    md5: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{32}$", to_lower=True)] | None = Field(
+        None, description="md5 of the archive at data.source (32 hex digits)"
+    )
     expected_train: int | None = Field(None, gt=0, description="train images the archive must hold")
     expected_test: int | None = Field(None, gt=0, description="test images the archive must hold")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _mirror_needs_md5(self) -> DataParams:
@@ -77,13 +94,23 @@ class ValidateParams(Section):
         0, ge=0, description="test images allowed to be exact copies of a train image"
     )
 
+    @model_validator(mode="after")
+    def _ranges_are_not_empty(self) -> ValidateParams:
+        for stat in ("pixel_mean", "pixel_std"):
+            low, high = getattr(self, f"{stat}_min"), getattr(self, f"{stat}_max")
+            if low > high:
+                raise ValueError(
+                    f"validate.{stat}_min={low} is above validate.{stat}_max={high}: no data passes"
+                )
+        return self
+
 
 class ModelParams(Section):
     """The model: a preset, or an architecture and its keys. A null key is unset: it takes the preset's value,
     else its default. After validation every key holds the value the model is built with."""
 
     preset: str | None = Field(
-        None, description="a named architecture (vitlab.models.presets); keys set beside it override it"
+        None, description="a named architecture (vitlab.presets); keys set beside it override it"
     )
     name: ModelName = "vit"
     # ViT
@@ -99,10 +126,10 @@ class ModelParams(Section):
     pos_embed: Literal["learned", "sincos"] = Field("learned", description="sincos: fixed 2D sin-cos")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
     # CNN, ResNet and MLP baselines
-    cnn_channels: tuple[int, ...] = Field((16, 32), min_length=1)
-    resnet_widths: tuple[int, ...] = Field((16, 32, 64), min_length=1)
-    resnet_blocks: tuple[int, ...] = Field((3, 3, 3), min_length=1)
-    mlp_hidden: tuple[int, ...] = Field((512, 256), min_length=1)
+    cnn_channels: tuple[PositiveInt, ...] = Field((16, 32), min_length=1)
+    resnet_widths: tuple[PositiveInt, ...] = Field((16, 32, 64), min_length=1)
+    resnet_blocks: tuple[PositiveInt, ...] = Field((3, 3, 3), min_length=1)
+    mlp_hidden: tuple[PositiveInt, ...] = Field((512, 256), min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -112,8 +139,6 @@ class ModelParams(Section):
         given = {key: value for key, value in raw.items() if value is not None}
         if "preset" not in given:
             return given
-        from vitlab.models.presets import PRESETS  # imports torch: only when a preset is used
-
         name = given["preset"]
         if name not in PRESETS:
             raise ValueError(f"model.preset: got {name!r}; known presets: {', '.join(PRESETS)}")
@@ -139,6 +164,11 @@ class ModelParams(Section):
                 f"{len(self.resnet_blocks)}: give one block count per stage"
             )
         return self
+
+    def arch_config(self, num_classes: int) -> dict[str, Any]:
+        """The config dict of architecture ``self.name`` (``vitlab.models.build_model``'s second argument)."""
+        keys = ARCH_PARAMS[self.name]
+        return {"num_classes": num_classes} | {key: getattr(self, name) for key, name in keys.items()}
 
     def _check_vit(self) -> None:
         if IMAGE_SIZE % self.patch_size:
@@ -181,7 +211,7 @@ class TrainParams(Section):
         None, gt=0.0, description="stop after so many seconds; the LR schedule follows time (not repeatable)"
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     resume: bool = Field(
         True, description="continue an interrupted run of the same config after its last epoch"
     )
@@ -205,13 +235,15 @@ class AttentionParams(Section):
 
 
 class ExportParams(Section):
-    opset: int = Field(18, ge=17, le=23)
+    opset: int = Field(18, ge=OPSETS[0], le=OPSETS[1])
     max_abs_diff: float = Field(1e-4, gt=0.0, description="largest logit difference ORT vs PyTorch allowed")
     min_top1_agreement: float = Field(1.0, gt=0.0, le=1.0)
-    quantize: Literal["dynamic", "static"] = Field(
-        "dynamic", description="int8 method: dynamic (MatMul weights) or static (QDQ, calibrated)"
+    quantize: Literal["weight_only", "static"] = Field(
+        "weight_only", description="int8 method: weight_only (MatMul weights) or static (QDQ, calibrated)"
     )
-    max_int8_accuracy_drop: float = Field(1.0, ge=0.0, description="test accuracy points int8 may lose")
+    max_int8_accuracy_drop: float = Field(
+        1.0, ge=0.0, le=100.0, description="test accuracy points int8 may lose"
+    )
     ort_fusions: bool = Field(
         True, description="rewrite with ONNX Runtime's fused operators (faster; loads in ONNX Runtime only)"
     )
@@ -238,11 +270,30 @@ class Params(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def allowed_range(section: str, key: str) -> str:
+    """The range of a numeric key as its schema states it, e.g. ``>= 18 and <= 25`` or ``> 0``."""
+    sections = {info.alias or name: info.annotation for name, info in Params.model_fields.items()}
+    field = sections[section].model_fields[key]
+    symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [
+        f"{symbol} {getattr(m, name)}"
+        for m in field.metadata
+        for name, symbol in symbols.items()
+        if hasattr(m, name)
+    ]
+    return " and ".join(bounds)
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join("validate" if part == "validate_" else str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
+    elif error["type"] in _BOUND_ERRORS and len(error["loc"]) == 2:
+        message = f"got {error['input']!r}; allowed: {allowed_range(*error['loc'])}"
     elif error["type"] == "literal_error":
         message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
     if key and message.startswith(f"{key}."):  # cross-field checks already name their keys

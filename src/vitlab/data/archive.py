@@ -26,14 +26,83 @@ from vitlab.errors import VitlabError
 
 _ROW = 3 * 32 * 32  # one image, channel-planar: 1024 R, 1024 G, 1024 B values, each plane 32x32 row-major
 
-# The only globals an official CIFAR pickle names. numpy 2 moved numpy.core to numpy._core (our embedded
-# sample was written by it); both spellings map to the running numpy's own function.
+
+class _Refused(Exception):
+    """An allowed global called with arguments that no CIFAR pickle writer produces; reported as refused."""
+
+
+class _NdarrayName:
+    """What ``numpy.ndarray`` loads as: a name for ``_reconstruct``'s first argument that cannot be called."""
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayName()
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
+
+
+def _empty_array(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """``numpy.core.multiarray._reconstruct`` as numpy pickles call it: an empty array for BUILD to fill."""
+    # numpy's __setstate__ then checks the raw data against the shape and dtype it is given.
+    if subtype is not _NDARRAY or shape != (0,) or typecode not in (b"b", "b"):
+        raise _Refused(f"_reconstruct{(subtype, shape, typecode)!r}")
+    return _RECONSTRUCT(np.ndarray, (0,), b"b")
+
+
+def _array_from_buffer(buffer: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
+    """``numpy.core.numeric._frombuffer``: how numpy pickles a contiguous array at protocol 5, its bytes
+    written in-band (BYTEARRAY8; out-of-band buffers are never supplied, so pickle itself refuses those)."""
+    if not (
+        isinstance(buffer, bytes | bytearray)
+        and isinstance(dtype, np.dtype)
+        and not dtype.hasobject
+        and _is_int_tuple(shape)
+        and order in ("C", "F", "K")
+        and (axis_order is None or _is_int_tuple(axis_order))
+    ):
+        raise _Refused(f"_frombuffer with {type(buffer).__name__}, {dtype!r}, {shape!r}, {order!r}")
+    array = np.frombuffer(buffer, dtype=dtype)
+    if order == "K" and axis_order is not None:
+        return array.reshape(shape, order="C").transpose(axis_order)
+    return array.reshape(shape, order=order)
+
+
+def _is_int_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and all(type(n) is int for n in value)
+
+
+def _latin1_bytes(*args: Any) -> bytes:
+    """``_codecs.encode(text, "latin1")``: how Python 3 pickles bytes at protocols 0-2; no other codec."""
+    if len(args) != 2 or type(args[0]) is not str or args[1] not in ("latin1", "latin-1"):
+        described = ", ".join(type(a).__name__ if i == 0 else repr(a) for i, a in enumerate(args))
+        raise _Refused(f"_codecs.encode({described})")
+    return args[0].encode("latin-1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()``: how Python 3 pickles ``b""`` at protocols 0-2; refused with arguments (bytes(10**12))."""
+    if args:
+        raise _Refused(f"bytes{args!r}")
+    return b""
+
+
+# Every global the standard writers name for the official layout (dicts of str or bytes keys, lists, ints,
+# str or bytes, uint8 arrays) at pickle protocols 0-5, each as the narrowest callable that rebuilds it.
+# numpy 2 moved numpy.core to numpy._core (our embedded sample was written by it): both spellings load.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    # arrays at protocols 0-4, and non-contiguous ones at 5: _reconstruct(ndarray, (0,), b"b") + __setstate__
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): np.dtype,
+    # contiguous arrays at protocol 5
+    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
+    # bytes written by Python 3 at protocols 0-2 (a CIFAR file loaded with encoding="bytes", pickled again)
+    ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,  # the same, pickled with fix_imports=False
 }
 
 
@@ -86,7 +155,7 @@ def _replace_folder(new: Path, target: Path) -> None:
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
+    """Unpickles dicts, lists, strings, bytes, numbers and numpy arrays; refuses every other global."""
 
     def __init__(self, handle: Any, path: Path) -> None:
         # latin1: the files are Python 2 pickles whose str keys and array bytes are 8-bit strings.
@@ -110,6 +179,8 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
         raise VitlabError(f"{path}: missing from the archive") from None
     except VitlabError:
         raise
+    except _Refused as error:
+        raise VitlabError(f"{path}: refused to call {error}") from None
     except Exception as error:  # a malformed pickle fails in many ways, all meaning the same to the user
         raise VitlabError(f"{path}: not a valid CIFAR pickle ({type(error).__name__}: {error})") from None
 
@@ -122,8 +193,10 @@ def parse_cifar(folder: str | os.PathLike[str], spec: DatasetSpec) -> PreparedDa
     """
     root = Path(folder) / spec.folder
     meta_path = root / spec.meta_file
-    meta = load_pickle(meta_path)
+    meta = _text_keys(load_pickle(meta_path), meta_path)
     names = meta.get(spec.names_key) if isinstance(meta, dict) else None
+    if isinstance(names, list):
+        names = [_text(name) for name in names]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise VitlabError(f"{meta_path}: no list of class names under {spec.names_key!r}")
     if len(names) != spec.num_classes:
@@ -146,7 +219,7 @@ def _read_split(root: Path, files: tuple[str, ...], label_key: str) -> Split:
 
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """One batch file's checked (n, 3072) uint8 rows and (n,) int64 labels."""
-    batch = load_pickle(path)
+    batch = _text_keys(load_pickle(path), path)
     if not isinstance(batch, dict):
         raise VitlabError(f"{path}: expected a dict of 'data' and {label_key!r}, got {type(batch).__name__}")
     for key in ("data", label_key):
@@ -167,6 +240,22 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if len(labels) != len(data):
         raise VitlabError(f"{path}: {len(data)} images but {len(labels)} labels in {label_key!r}")
     return data, labels.astype(np.int64)
+
+
+def _text(value: Any) -> Any:
+    """Bytes as the str a Python 2 pickle's 8-bit string loads as (latin1); anything else unchanged."""
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _text_keys(loaded: Any, path: Path) -> Any:
+    """A dict with its bytes keys as str: a file loaded with ``encoding="bytes"`` (as the CIFAR page shows)
+    and pickled again by Python 3 has b"data", b"labels"... where the original has "data", "labels"..."""
+    if not isinstance(loaded, dict):
+        return loaded
+    keys = {_text(key): value for key, value in loaded.items()}
+    if len(keys) != len(loaded):
+        raise VitlabError(f"{path}: the same key both as str and as bytes ({', '.join(map(repr, loaded))})")
+    return keys
 
 
 def prepare_dataset(

@@ -1,7 +1,8 @@
 """Model registry: build any architecture from its name and a plain dict of its config.
 
 Checkpoints store ``{"arch": name, "config": asdict(cfg)}`` beside the weights, so a checkpoint rebuilds its
-own model without params.yaml. Named configurations live in ``vitlab.models.presets``.
+own model without params.yaml. Named configurations live in ``vitlab.presets`` (plain data, which params
+validation reads without importing torch).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.models.cnn import CNN, CNNConfig
 from vitlab.models.mlp import MLP, MLPConfig
-from vitlab.models.presets import PRESETS, Preset
 from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import ViT, ViTConfig
+from vitlab.presets import PRESETS, Preset
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "vit": (ViTConfig, ViT),

@@ -1,0 +1,79 @@
+"""The pipeline's stages: each reads its params section, calls the library and writes its outputs.
+
+``dvc.yaml`` runs them through ``pipeline/run.py`` and users through ``vitlab stage NAME``: one code path.
+Every output is written atomically, and a stage that fails raises VitlabError before writing anything that
+could pass for a result.
+
+One module per stage (``vitlab.stages.evaluate`` ...), imported only when that stage runs, so that each DVC
+stage depends on exactly the files its code runs: editing the evaluate stage re-runs evaluate, not download
+(``tests/test_stage_deps.py`` checks every stage's deps in ``dvc.yaml`` against its import closure).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vitlab.errors import VitlabError
+
+if TYPE_CHECKING:
+    from vitlab.params import Params
+
+# dvc.yaml's order: download -> validate -> train -> evaluate -> attention -> export -> inference
+NAMES = ("download", "validate", "train", "evaluate", "attention", "export", "inference")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes: the cookiecutter-data-science folders, relative to the repo."""
+
+    raw_dir: Path = Path("data/raw")  # download cache, md5-verified on reuse
+    prepared_dir: Path = Path("data/prepared")
+    validation: Path = Path("reports/validation.json")
+    checkpoint: Path = Path("models/model.pt")
+    train_state: Path = Path("models/train_state.pt")  # resume point while training; deleted at the end
+    train_metrics: Path = Path("reports/train/metrics.json")
+    train_history: Path = Path("reports/train/history.tsv")
+    train_curves: Path = Path("reports/train/curves.png")
+    train_gif: Path = Path("reports/train/curves.gif")  # the same curves growing epoch by epoch
+    eval_metrics: Path = Path("reports/eval/metrics.json")
+    confusion: Path = Path("reports/eval/confusion.csv")
+    per_class: Path = Path("reports/eval/per_class.tsv")
+    eval_predictions: Path = Path("reports/eval/predictions.csv")  # per test image: pairs runs in compare
+    eval_model: Path = Path("reports/eval/model.json")  # architecture, config and size of the evaluated model
+    confusion_png: Path = Path("reports/eval/confusion.png")
+    per_class_png: Path = Path("reports/eval/per_class.png")
+    mistakes_png: Path = Path("reports/eval/mistakes.png")
+    attention_dir: Path = Path("reports/attention")
+    onnx: Path = Path("models/model.onnx")
+    onnx_int8: Path = Path("models/model.int8.onnx")
+    onnx_attention_dir: Path = Path("models/attention")  # model.onnx with an attention output, for a ViT
+    export_metrics: Path = Path("reports/export/metrics.json")
+    predictions: Path = Path("reports/inference/predictions.csv")
+    inference_metrics: Path = Path("reports/inference/metrics.json")
+
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        """The same layout below ``root`` instead of the working directory (tests, other checkouts)."""
+        return cls(**{f.name: root / getattr(cls, f.name) for f in fields(cls)})
+
+
+def stage_function(name: str) -> Callable[[Params, Layout], None]:
+    """The ``run(params, layout)`` function of stage ``name``; VitlabError for an unknown name."""
+    if name not in NAMES:
+        raise VitlabError(f"unknown stage {name!r} (stages: {', '.join(NAMES)})")
+    return importlib.import_module(f"vitlab.stages.{name}").run
+
+
+def run_stage(name: str, params_path: str | Path = "params.yaml") -> None:
+    """Run stage ``name`` in the working directory with the params file at ``params_path``, as dvc does.
+
+    Raises VitlabError for an unknown stage, invalid params or any failure the stage reports.
+    """
+    run = stage_function(name)  # an unknown name is reported before the params are read
+    from vitlab.params import load_params
+
+    run(load_params(params_path), Layout())

@@ -1,0 +1,39 @@
+"""Stage ``attention``: attention maps and rollout of a ViT (Grad-CAM for a CNN) on the first test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitlab import io
+from vitlab.attention import render_attention
+from vitlab.checkpoint import load_checkpoint
+from vitlab.data.prepared import load_prepared
+from vitlab.params import Params
+from vitlab.stages import Layout
+from vitlab.tracking import Tracker
+
+
+def run(params: Params, layout: Layout) -> None:
+    """Draw ``attention.num_images`` test images' maps into ``layout.attention_dir`` with a summary.json."""
+    ckpt = load_checkpoint(layout.checkpoint)
+    test = load_prepared(layout.prepared_dir).test
+    n = min(params.attention.num_images, len(test))
+    layout.attention_dir.mkdir(parents=True, exist_ok=True)
+    summary = render_attention(
+        ckpt.model,
+        test.images[:n],
+        test.labels[:n],
+        ckpt.class_names,
+        ckpt.normalization,
+        layout.attention_dir,
+    )
+    io.write_json(layout.attention_dir / "summary.json", summary)
+    if not summary.get("supported"):
+        print(f"no attention maps: {summary.get('reason')} (the stage completes without pictures)")
+        return
+    tracker = Tracker(config=params.model_dump(by_alias=True), job_type="attention")
+    try:
+        tracker.log_images({Path(name).stem: layout.attention_dir / name for name in summary["files"]})
+    finally:
+        tracker.finish()
+    print(f"{summary['method']} maps of {n} test images -> {layout.attention_dir}")
