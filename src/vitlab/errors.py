@@ -30,9 +30,16 @@ def exit_code(action: Callable[[], object]) -> int:
     except (VitlabError, OSError) as error:
         if os.environ.get("VITLAB_DEBUG"):
             raise
-        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        _say(f"error: {one_line(error)}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        _say("interrupted")
         return 130
     return 0
+
+
+def _say(line: str) -> None:
+    # One write for the whole line: print() writes the text and its newline separately, so the error lines of
+    # torchrun's processes, which share one stderr, could interleave into one line.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
