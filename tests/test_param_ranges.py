@@ -78,6 +78,29 @@ def test_every_enumerated_key_refuses_a_value_outside_its_choices_and_names_them
                 parse_params({alias: {key: "bogus"}})
 
 
+def _numeric_keys(kind: type) -> list[tuple[str, str]]:
+    """(section alias, key) of every key whose value may be a number of ``kind`` (or null)."""
+    return [
+        (info.alias or section, key)
+        for section, info in Params.model_fields.items()
+        for key, field in info.annotation.model_fields.items()
+        if kind in (field.annotation, *typing.get_args(field.annotation))
+    ]
+
+
+@pytest.mark.parametrize(("section", "key"), _numeric_keys(float))
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_no_float_key_takes_infinity_or_nan(section, key, value):
+    with pytest.raises(VitlabError, match=rf"{section}\.{key}: got {value!r}; allowed: a finite number"):
+        parse_params({section: {key: value}})
+
+
+@pytest.mark.parametrize(("section", "key"), _numeric_keys(int) + _numeric_keys(float))
+def test_no_numeric_key_reads_true_as_one(section, key):
+    with pytest.raises(VitlabError, match=rf"{section}\.{key}: got True; expected a number"):
+        parse_params({section: {key: True}})
+
+
 def _choices(section: str, key: str) -> tuple[str, ...]:
     return typing.get_args(Params.model_fields[section].annotation.model_fields[key].annotation)
 

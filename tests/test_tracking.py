@@ -1,3 +1,4 @@
+import http.server
 import json
 import os
 import socket
@@ -261,7 +262,29 @@ def test_disabled_tracker_is_a_no_op(monkeypatch):
 
 @pytest.fixture
 def listening_port():
-    """A loopback port that accepts connections, standing in for a reachable W&B server."""
+    """A loopback HTTP server that answers every request: a reachable W&B server (or proxy)."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that accepts connections and never answers: a server (or proxy) that hangs."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -375,9 +398,25 @@ def test_a_server_that_never_answers_costs_the_probe_timeout_only(monkeypatch, w
     ]
 
 
+def test_a_server_that_accepts_but_never_answers_costs_the_probe_timeout_only(
+    monkeypatch, wandb_env, silent_port
+):
+    _online(monkeypatch, f"http://127.0.0.1:{silent_port}")
+    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
+    modes = _fake_init(monkeypatch)
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracking.Tracker({"a": 1})
+    assert time.monotonic() - start < 2
+    assert modes == ["offline"]  # wandb.init never waited out its own timeout against it
+    [warning] = [str(w.message) for w in caught]
+    assert warning.startswith(f"W&B: cannot reach the W&B server 127.0.0.1:{silent_port}")
+
+
 def test_behind_a_proxy_the_probe_asks_the_proxy(monkeypatch, wandb_env, listening_port, network_attempts):
-    _online(monkeypatch, FORGE)
-    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listening_port}")
+    _online(monkeypatch, "http://wandb.example.org")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{listening_port}")
     modes = _fake_init(monkeypatch)
     assert tracking.Tracker({"a": 1}).run == "online-run"
     assert modes == ["online"] and network_attempts == []  # the server's name was never looked up

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import os
 import re
@@ -344,3 +345,15 @@ def test_under_torchrun_every_process_stops_at_the_step_one_of_them_diverged(tmp
     )
     _assert_no_result(tmp_path)
     _assert_no_state_of(2, tmp_path / "models" / "train_state.pt")
+
+
+def test_without_a_validation_split_the_metrics_say_null_not_nan(tmp_path, monkeypatch, capsys):
+    _stage_folder(tmp_path, {"name": "mlp", "mlp_hidden": [8]}, {"warmup_epochs": 1})
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text()) | {"data": {"val_fraction": 0.0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert main(["stage", "train"]) == 0
+    text = (tmp_path / "reports" / "train" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert metrics["best_val_accuracy"] is None and metrics["best_epoch"] == 2
+    assert "no validation split: the last epoch (2) kept" in capsys.readouterr().out

@@ -17,6 +17,8 @@ from pydantic import (
     PositiveInt,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -56,7 +58,16 @@ ARCH_PARAMS: dict[str, dict[str, str]] = {
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are numbers to YAML (.inf, .nan) but no setting of ours can honour them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1 for an int key: `batch_size: true` would train with batches of one."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(f"got {value}; expected a number or a choice, not true/false")
+        return value
 
 
 class DataParams(Section):
@@ -292,8 +303,10 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-    elif error["type"] in _BOUND_ERRORS and len(error["loc"]) == 2:
-        message = f"got {error['input']!r}; allowed: {allowed_range(*error['loc'])}"
+    elif error["type"] in _BOUND_ERRORS | {"finite_number"} and len(error["loc"]) == 2:
+        bounds = allowed_range(*error["loc"])
+        allowed = f"a finite number {bounds}".strip() if error["type"] == "finite_number" else bounds
+        message = f"got {error['input']!r}; allowed: {allowed}"
     elif error["type"] == "literal_error":
         message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
     if key and message.startswith(f"{key}."):  # cross-field checks already name their keys

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
+import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -140,8 +140,9 @@ def _logged_in(files: list[tuple[Path, dict[str, str]]]) -> bool:
 
 
 def _check_reachable(url: str, timeout: float | None = None) -> None:
-    """Raise ConnectionError unless the W&B server at ``url`` (or the proxy the environment routes it through)
-    accepts a TCP connection within ``timeout`` seconds (PROBE_TIMEOUT_S), the name lookup included."""
+    """Raise ConnectionError unless the W&B server at ``url`` (through the environment's proxy, if any)
+    answers an HTTP request within ``timeout`` seconds (PROBE_TIMEOUT_S), the name lookup included. Any HTTP
+    status counts as an answer; a server (or proxy) that accepts the connection and stays silent does not."""
     timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -157,9 +158,13 @@ def _check_reachable(url: str, timeout: float | None = None) -> None:
 
     def connect() -> None:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            # A fresh opener: urlopen's global one keeps the proxies of the environment it first saw.
+            opener = urllib.request.build_opener()
+            opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             outcome.append(None)
-        except OSError as error:
+        except urllib.error.HTTPError:  # the server answered, if only to refuse a bare HEAD
+            outcome.append(None)
+        except (OSError, ValueError) as error:  # URLError and timeouts are OSErrors
             outcome.append(error)
 
     # A thread, because a name lookup has no timeout of its own: the caller waits `timeout`, never longer.

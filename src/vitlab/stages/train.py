@@ -52,7 +52,8 @@ def run(params: Params, layout: Layout) -> None:
         animate_training(result.history, layout.train_gif)
         metrics = {
             "best_epoch": result.best_epoch,
-            "best_val_accuracy": result.best_val_accuracy,
+            # null, not NaN (which strict JSON readers refuse), when data.val_fraction leaves no validation
+            "best_val_accuracy": None if val_split is None else result.best_val_accuracy,
             "final_train_accuracy": result.history[-1]["train_accuracy"],
             "num_parameters": n_params,
             "train_images": len(train_split),
@@ -68,7 +69,9 @@ def run(params: Params, layout: Layout) -> None:
         tracker.log_images({"training_curves": layout.train_curves, "training_progress": layout.train_gif})
     finally:
         tracker.finish()
-    print(
-        f"best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; "
-        f"{result.wall_time_s:.0f} s -> {layout.checkpoint}"
+    kept = (
+        f"best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
+        if val_split is not None
+        else f"no validation split: the last epoch ({result.best_epoch}) kept"
     )
+    print(f"{kept}; {result.wall_time_s:.0f} s -> {layout.checkpoint}")
