@@ -36,7 +36,7 @@ from bench_data import PilImages
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import Normalization
 from vitlab.data.archive import prepare_dataset
 from vitlab.data.prepared import PreparedDataset, Split
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}, {recipe} recipe, {label(budget)} ...", file=sys.stderr, flush=True)
                 rows.append(run_row(name, recipe, budget, data, norm))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                io.write_json(results, {"settings": settings, "rows": rows})
-                io.write_text(args.out.with_suffix(".md"), markdown(rows, settings))
+                files.write_json(results, {"settings": settings, "rows": rows})
+                files.write_text(args.out.with_suffix(".md"), markdown(rows, settings))
     print(markdown(rows, settings))
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cifar_fakes import make_dataset
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import Normalization, save_checkpoint
 from vitlab.cli import app, main
 from vitlab.data.prepared import save_prepared
@@ -94,7 +94,7 @@ def _disk_full(*args, **kwargs):
     ("break_it", "reason"),
     [
         (lambda mp: Path("reports").write_text("a file where a folder should be"), "Not a directory"),
-        (lambda mp: mp.setattr(io.os, "replace", _disk_full), "No space left on device"),
+        (lambda mp: mp.setattr(files.os, "replace", _disk_full), "No space left on device"),
     ],
     ids=["parent-is-a-file", "disk-full"],
 )

@@ -11,7 +11,7 @@ import nbformat
 from nbclient import NotebookClient
 from serving_fixtures import NORM, cifar_images, class_names, random_model
 
-from vitlab import io
+from vitlab import files
 from vitlab.attention import render_attention
 from vitlab.data.prepared import PreparedDataset, Split, save_prepared
 from vitlab.export import export_onnx
@@ -29,7 +29,7 @@ def _pipeline_outputs(root: Path) -> float:
     save_prepared(PreparedDataset(split, split, class_names()), root / "data" / "prepared")
     attention = root / "reports" / "attention"
     summary = render_attention(model, images[:3], labels[:3], class_names(), NORM, attention)
-    io.write_json(attention / "summary.json", summary)
+    files.write_json(attention / "summary.json", summary)
     predicted = Classifier(root / "models" / "model.onnx").predict(images).argmax(1)
     return float((predicted == labels).mean())
 

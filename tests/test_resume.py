@@ -12,7 +12,7 @@ import torch
 import yaml
 from cifar_fakes import make_dataset
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import Normalization
 from vitlab.cli import main
 from vitlab.data.prepared import save_prepared
@@ -144,8 +144,8 @@ def test_the_train_stage_deletes_its_state_once_its_outputs_are_saved(tmp_path, 
             state_while_saving.append(Path("models/train_state.pt").is_file())
         write(path, data)
 
-    write = io.write_bytes
-    monkeypatch.setattr(io, "write_bytes", write_bytes)
+    write = files.write_bytes
+    monkeypatch.setattr(files, "write_bytes", write_bytes)
     assert main(["stage", "train"]) == 0, capsys.readouterr().err
     assert state_while_saving == [True]
     assert sorted(p.name for p in Path("models").iterdir()) == ["model.pt"]

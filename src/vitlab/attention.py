@@ -26,7 +26,7 @@ from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError
 from vitlab.figures import plot_overlays, prediction_title
 from vitlab.gradcam import find_target_layer, grad_cam
-from vitlab.models import model_spec
+from vitlab.models import eval_mode, has_attention, model_spec
 
 RELATIVE = "relative to the map's maximum"
 
@@ -70,7 +70,7 @@ def render_attention(
     arch = model_spec(model)["arch"]
     device = next(model.parameters()).device
     x = norm.to_tensor(torch.as_tensor(images_uint8, device=device))
-    if hasattr(model, "forward_with_attention"):
+    if has_attention(model):
         return _render_vit(model, arch, x, images_uint8, labels, class_names, Path(out_dir))
     target = find_target_layer(model, x)
     if target is None:
@@ -110,13 +110,8 @@ def _render_vit(
     class_names: list[str],
     out_dir: Path,
 ) -> dict[str, Any]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits, weights = model.forward_with_attention(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        logits, weights = model.forward_with_attention(x)
     weights = weights.float().cpu()
     cls_token = model.cfg.pool == "cls"
     depth, n, heads, _, _ = weights.shape

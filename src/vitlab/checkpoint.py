@@ -7,7 +7,7 @@ per-channel input normalization on the 0-1 scale: ``x = (pixels / 255 - mean) / 
 
 from __future__ import annotations
 
-import io as _io
+import io
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitlab import io
+from vitlab import files
 from vitlab.errors import VitlabError
 from vitlab.models import build_model, model_spec
 
@@ -74,11 +74,11 @@ def save_torch(path: str | Path, payload: Any) -> None:
     """``torch.save`` atomically; a failed write (disk full, read-only folder) is a VitlabError naming it.
 
     torch.save reports a failed write as a RuntimeError without the OS's reason, so the payload is
-    serialized in memory and written by ``io.write_bytes``, which reports it.
+    serialized in memory and written by ``files.write_bytes``, which reports it.
     """
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     torch.save(payload, buffer)
-    io.write_bytes(path, buffer.getbuffer())
+    files.write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

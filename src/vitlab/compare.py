@@ -13,7 +13,7 @@ meaningful when both runs saw the same test set, so runs on different test sets 
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import json
 import os
 import subprocess
@@ -28,8 +28,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vitlab import io
-from vitlab.errors import VitlabError
+from vitlab import files
+from vitlab.errors import VitlabError, one_line
 from vitlab.figures import DPI, save_png
 from vitlab.stats import CONFIDENCE, RESAMPLES, Interval, bootstrap_ci, paired_bootstrap_diff
 
@@ -181,7 +181,7 @@ TABLE_FIELDS = (
 
 
 def table_csv(rows: Sequence[ComparisonRow], baseline: str | None) -> str:
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, TABLE_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -318,8 +318,8 @@ def write_comparison(
     out_dir = Path(out_dir)
     baseline = pick_baseline(records, baseline)
     rows = compare_runs(records, baseline, resamples=resamples, seed=seed)
-    io.write_text(out_dir / "table.csv", table_csv(rows, baseline))
-    io.write_text(out_dir / "table.md", table_markdown(rows, baseline, resamples, seed))
+    files.write_text(out_dir / "table.csv", table_csv(rows, baseline))
+    files.write_text(out_dir / "table.md", table_markdown(rows, baseline, resamples, seed))
     plot_accuracy_vs_patch(rows, out_dir / "accuracy_vs_patch.png")
     plot_val_curves(records, out_dir / "val_curves.png")
     return rows
@@ -373,7 +373,7 @@ def finished_experiments(repo: str | Path = ".") -> list[str]:
     try:
         rows = dvc.api.exp_show(repo=str(repo))
     except Exception as error:  # not a DVC repository, no commit yet, a broken git state...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = one_line(error)
         raise VitlabError(f"cannot list the DVC experiments of {repo} ({reason})") from None
     return [r["Experiment"] for r in rows if r.get("Experiment") and r.get("State") in (None, "Success")]
 
@@ -397,7 +397,7 @@ def _read(path: str, rev: str, repo: str | Path, mode: str = "r") -> Any:
     try:
         return dvc.api.read(path, repo=str(repo), rev=rev, mode=mode)
     except Exception as error:  # dvc raises a different type for each way a rev or file can be missing
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = one_line(error)
         raise VitlabError(
             f"experiment {rev!r}: cannot read {path} ({reason}); is it a finished experiment of this "
             "pipeline (dvc exp show)?"
@@ -416,7 +416,7 @@ def collect_maps(
             picture = summary["files"][-1]
             data = _read(f"{attention_dir}/{picture}", name, repo, mode="rb")
             copied.append(Path(out_dir) / f"{name}-{picture}")
-            io.write_bytes(copied[-1], data)
+            files.write_bytes(copied[-1], data)
     return copied
 
 
@@ -433,6 +433,6 @@ def parse_record(
         arch=arch,
         patch_size=config.get("patch_size") if arch == "vit" else None,
         num_parameters=int(model["num_parameters"]),
-        predictions=pd.read_csv(_io.StringIO(predictions_csv)),
-        history=pd.read_csv(_io.StringIO(history_tsv), sep="\t"),
+        predictions=pd.read_csv(io.StringIO(predictions_csv)),
+        history=pd.read_csv(io.StringIO(history_tsv), sep="\t"),
     )

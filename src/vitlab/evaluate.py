@@ -12,6 +12,7 @@ from torch import nn
 
 from vitlab.checkpoint import Normalization
 from vitlab.data.prepared import Split
+from vitlab.models import eval_mode
 
 
 @torch.no_grad()
@@ -23,14 +24,12 @@ def predict_logits(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 (N, 32, 32, 3) images, in eval mode, batch by batch."""
-    was_training = model.training
-    model.eval()
     images = torch.as_tensor(images)
-    outputs = [
-        model(norm.to_tensor(images[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    model.train(was_training)
+    with eval_mode(model):
+        outputs = [
+            model(norm.to_tensor(images[i : i + batch_size].to(device))).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     return torch.cat(outputs)
 
 

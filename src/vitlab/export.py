@@ -22,11 +22,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import Normalization
-from vitlab.errors import VitlabError
+from vitlab.data import IMAGE_SIZE
+from vitlab.errors import VitlabError, one_line
 from vitlab.inference import Classifier
-from vitlab.models import model_spec
+from vitlab.models import eval_mode, has_attention, model_spec
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -68,7 +69,7 @@ def export_onnx(
     """
     path = Path(path)
     spec = model_spec(model)
-    if with_attention and not hasattr(model, "forward_with_attention"):
+    if with_attention and not has_attention(model):
         raise VitlabError(f"{spec['arch']} has no attention to export (with_attention needs a ViT)")
     props = {
         "class_names": json.dumps(list(class_names)),
@@ -87,25 +88,20 @@ def export_onnx(
 
     device = next(model.parameters()).device
     # Batch 2, not 1: torch.export specializes sizes 0 and 1, which would pin the batch axis.
-    example = torch.randn(2, 3, 32, 32, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        # The exporter warns about its own internals (pytree deprecations, ...); none concerns the user.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                _WithAttention(model) if with_attention else model,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME, ATTENTION_NAME] if with_attention else [OUTPUT_NAME],
-                opset_version=opset,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                verbose=False,
-            )
-    finally:
-        model.train(was_training)
+    example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    # The exporter warns about its own internals (pytree deprecations, ...); none concerns the user.
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _WithAttention(model) if with_attention else model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME, ATTENTION_NAME] if with_attention else [OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
 
     proto = program.model_proto
     if ort_fusions:
@@ -115,10 +111,8 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise VitlabError(
-            f"exported {spec['arch']} fails the ONNX checker: {str(error).splitlines()[0]}"
-        ) from error
-    with io.atomic_path(path) as tmp:
+        raise VitlabError(f"exported {spec['arch']} fails the ONNX checker: {one_line(error)}") from error
+    with files.atomic_path(path) as tmp:
         # Weights inline (no external data): one file to copy; these models are far below protobuf's 2 GB.
         onnx.save_model(proto, tmp, format="protobuf", save_as_external_data=False)
     return path
@@ -154,18 +148,13 @@ def verify_onnx(
     device = next(model.parameters()).device
     batch_diffs: list[float] = []
     agree = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images_uint8), batch_size):
-                x = norm.to_tensor(torch.as_tensor(images_uint8[start : start + batch_size], device=device))
-                expected = model(x).float().cpu().numpy()
-                actual = session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0]
-                batch_diffs.append(float(np.abs(expected - actual).max()))
-                agree += int((expected.argmax(1) == actual.argmax(1)).sum())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(images_uint8), batch_size):
+            x = norm.to_tensor(torch.as_tensor(images_uint8[start : start + batch_size], device=device))
+            expected = model(x).float().cpu().numpy()
+            actual = session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0]
+            batch_diffs.append(float(np.abs(expected - actual).max()))
+            agree += int((expected.argmax(1) == actual.argmax(1)).sum())
     graph = onnx.load(onnx_path, load_external_data=False)
     return {
         # np.max, unlike max(), propagates a NaN from either side, and a NaN must fail ensure_parity.
@@ -251,8 +240,8 @@ def quantize_onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise VitlabError(f"int8 model fails the ONNX checker: {str(error).splitlines()[0]}") from error
-    with io.atomic_path(int8_path) as tmp:
+        raise VitlabError(f"int8 model fails the ONNX checker: {one_line(error)}") from error
+    with files.atomic_path(int8_path) as tmp:
         onnx.save_model(proto, tmp, format="protobuf", save_as_external_data=False)
     return int8_path
 

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from vitlab import io
+from vitlab import files
 
 DPI = 100
 CURVES_INCHES = (13.0, 3.6)
@@ -39,7 +39,7 @@ RIGHT, WRONG = "tab:green", "tab:red"
 
 def save_png(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -94,7 +94,7 @@ def animate_training(history: list[dict[str, float]], path: str | Path) -> Path:
         )
     durations = [GIF_FRAME_MS] * (len(frames) - 1) + [GIF_HOLD_MS]
     path = Path(path)
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return path
 

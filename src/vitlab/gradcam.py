@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.models import eval_mode
+
 
 def find_target_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module] | None:
     """The last module (in execution order) that outputs a spatial feature map (B, C, h, w) with h, w > 1.
@@ -25,14 +27,12 @@ def find_target_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.
         for name, module in model.named_modules()
         if name  # the model itself outputs logits
     ]
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example[:1])
+        with eval_mode(model), torch.no_grad():
+            model(example[:1])
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     spatial = [
         (name, module)
         for name, module, out in finished
@@ -51,10 +51,8 @@ def grad_cam(
     """
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, args, out: captured.append(out))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             # Inputs that require grad keep the graph even when every parameter is frozen.
             logits = model(x.detach().requires_grad_(True))
             activations = captured[-1]  # (B, C, h, w)
@@ -64,7 +62,6 @@ def grad_cam(
             (grads,) = torch.autograd.grad(score, activations)
     finally:
         handle.remove()
-        model.train(was_training)
     alpha = grads.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1): each channel's importance for the class
     cam = F.relu((alpha * activations).sum(dim=1)).detach()  # (B, h, w)
     cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)

@@ -20,9 +20,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from vitlab.errors import VitlabError
+from vitlab.data import IMAGE_SIZE
+from vitlab.errors import VitlabError, one_line
 
-IMAGE_SIZE = 32
 # 64 megapixels covers any camera; beyond it a small file is most likely a decompression bomb. Checked here
 # rather than through Image.MAX_IMAGE_PIXELS, which is process-wide state that warns before it refuses (its
 # warning, past 89 megapixels, is silenced: such an image is refused here anyway).
@@ -150,8 +150,7 @@ class Classifier:
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT's errors (InvalidProtobuf, Fail, ...) derive from Exception directly
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise VitlabError(f"{path}: not a loadable ONNX model ({first_line})") from None
+            raise VitlabError(f"{path}: not a loadable ONNX model ({one_line(error)})") from None
         self.providers: list[str] = self._session.get_providers()
         # An explicit accelerator must run; "auto" accepts ORT's own fallback to the CPU.
         if provider != "auto" and providers[0] not in self.providers:
@@ -160,7 +159,8 @@ class Classifier:
             )
 
         inputs = self._session.get_inputs()
-        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape)[1:] != [3, 32, 32]:
+        shape = [3, IMAGE_SIZE, IMAGE_SIZE]
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape)[1:] != shape:
             found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise VitlabError(f"{path}: expects input {found}, not a vitlab model (float N x 3 x 32 x 32)")
         self._input_name = inputs[0].name

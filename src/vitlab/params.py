@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from vitlab.data.sources import DATASETS
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, one_line
 from vitlab.presets import PRESETS
 
 IMAGE_SIZE = 32
@@ -334,5 +334,5 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise VitlabError(f"{path}: no such params file") from None
     except yaml.YAMLError as error:
-        raise VitlabError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise VitlabError(f"{path}: not valid YAML ({one_line(error)})") from None
     return parse_params(raw, origin=str(path))

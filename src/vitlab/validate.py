@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vitlab.data import IMAGE_SIZE
 from vitlab.data.prepared import PreparedDataset, Split
 from vitlab.errors import VitlabError
 
@@ -109,8 +110,8 @@ def _expectations(gx: Any, split: str, num_classes: int, t: ValidationThresholds
     checks = [
         e.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=num_classes - 1),
         e.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(range(num_classes))),
-        e.ExpectColumnValuesToBeInSet(column="height", value_set=[32]),
-        e.ExpectColumnValuesToBeInSet(column="width", value_set=[32]),
+        e.ExpectColumnValuesToBeInSet(column="height", value_set=[IMAGE_SIZE]),
+        e.ExpectColumnValuesToBeInSet(column="width", value_set=[IMAGE_SIZE]),
         e.ExpectColumnValuesToBeInSet(column="channels", value_set=[3]),
         e.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
         e.ExpectColumnValuesToBeBetween(

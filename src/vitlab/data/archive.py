@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from vitlab.data import IMAGE_SIZE
 from vitlab.data.download import fetch, source_name
 from vitlab.data.prepared import PreparedDataset, Split, save_prepared
 from vitlab.data.sources import SAMPLE_DIR, DatasetSpec
 from vitlab.errors import VitlabError
 
-_ROW = 3 * 32 * 32  # one image, channel-planar: 1024 R, 1024 G, 1024 B values, each plane 32x32 row-major
+# One image, channel-planar: 1024 R, 1024 G, 1024 B values, each plane 32x32 row-major.
+_ROW = 3 * IMAGE_SIZE * IMAGE_SIZE
 
 
 class _Refused(Exception):
@@ -213,7 +215,7 @@ def _read_split(root: Path, files: tuple[str, ...], label_key: str) -> Split:
     batches = [_read_batch(root / name, label_key) for name in files]
     rows = np.concatenate([data for data, _ in batches])
     labels = np.concatenate([labels for _, labels in batches])
-    images = np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    images = np.ascontiguousarray(rows.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1))
     return Split(images=images, labels=labels)
 
 

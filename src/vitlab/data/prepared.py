@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vitlab import io
+from vitlab import files
 from vitlab.errors import VitlabError
 
 
@@ -37,9 +37,9 @@ class PreparedDataset:
 def save_prepared(dataset: PreparedDataset, folder: str | Path) -> None:
     folder = Path(folder)
     for name, split in (("train", dataset.train), ("test", dataset.test)):
-        with io.atomic_path(folder / f"{name}.npz") as tmp, open(tmp, "wb") as handle:
+        with files.atomic_path(folder / f"{name}.npz") as tmp, open(tmp, "wb") as handle:
             np.savez(handle, images=split.images, labels=split.labels)
-    io.write_json(folder / "meta.json", {"class_names": dataset.class_names, **dataset.info})
+    files.write_json(folder / "meta.json", {"class_names": dataset.class_names, **dataset.info})
 
 
 def load_prepared(folder: str | Path) -> PreparedDataset:

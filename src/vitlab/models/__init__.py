@@ -7,7 +7,9 @@ validation reads without importing torch).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -64,6 +66,24 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
                 },
             }
     raise TypeError(f"not a registered vitlab model: {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (dropout off, batch norm on its running statistics) inside the block, and
+    give it back in the train/eval mode it had, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` returns its attention weights (``forward_with_attention``): a ViT does, the CNN,
+    ResNet and MLP baselines do not."""
+    return callable(getattr(model, "forward_with_attention", None))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitlab import io
+from vitlab import files
 from vitlab.attention import render_attention
 from vitlab.checkpoint import load_checkpoint
 from vitlab.data.prepared import load_prepared
@@ -27,7 +27,7 @@ def run(params: Params, layout: Layout) -> None:
         ckpt.normalization,
         layout.attention_dir,
     )
-    io.write_json(layout.attention_dir / "summary.json", summary)
+    files.write_json(layout.attention_dir / "summary.json", summary)
     if not summary.get("supported"):
         print(f"no attention maps: {summary.get('reason')} (the stage completes without pictures)")
         return

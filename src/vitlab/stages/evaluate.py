@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import load_checkpoint
 from vitlab.data.prepared import load_prepared
 from vitlab.device import select_device
@@ -29,23 +29,23 @@ def run(params: Params, layout: Layout) -> None:
         "test_images": len(test),
     }
     # per-class figures go to per_class.tsv: 100 metric columns would swamp `dvc exp show`
-    io.write_json(layout.eval_metrics, metrics)
+    files.write_json(layout.eval_metrics, metrics)
     support = result.confusion.sum(1)
-    io.write_tsv(
+    files.write_tsv(
         layout.per_class,
         [
             {"class": n, "accuracy": a, "support": int(s)}
             for n, a, s in zip(names, result.per_class_accuracy, support, strict=True)
         ],
     )
-    io.write_csv(
+    files.write_csv(
         layout.confusion,
         ["actual", "predicted"],
         [(names[a], names[p]) for a, p in zip(test.labels, result.predictions, strict=True)],
     )
     rows = prediction_rows(result, test.labels, names)
-    io.write_csv(layout.eval_predictions, list(rows[0]), [tuple(row.values()) for row in rows])
-    io.write_json(
+    files.write_csv(layout.eval_predictions, list(rows[0]), [tuple(row.values()) for row in rows])
+    files.write_json(
         layout.eval_model, model_spec(ckpt.model) | {"num_parameters": count_parameters(ckpt.model)}
     )
     pictures = {

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import load_checkpoint
 from vitlab.data.prepared import load_prepared
 from vitlab.export import (
@@ -17,6 +17,7 @@ from vitlab.export import (
     quantize_onnx,
     verify_onnx,
 )
+from vitlab.models import has_attention
 from vitlab.params import Params
 from vitlab.stages import Layout
 
@@ -39,7 +40,7 @@ def run(params: Params, layout: Layout) -> None:
     variants = {"fp32": (layout.onnx, False)}
     # An empty folder for the models without attention: DVC still finds the output it declares.
     layout.onnx_attention_dir.mkdir(parents=True, exist_ok=True)
-    if p.attention_model and hasattr(ckpt.model, "forward_with_attention"):
+    if p.attention_model and has_attention(ckpt.model):
         variants["attention"] = (layout.onnx_attention_dir / "model.onnx", True)
     result: dict[str, Any] = {}
     for name, (path, with_attention) in variants.items():
@@ -56,7 +57,7 @@ def run(params: Params, layout: Layout) -> None:
         check = verify_onnx(path, ckpt.model, test.images, ckpt.normalization)
         # The fp32 figures stay at the top level, where `dvc metrics` and earlier runs have them.
         result = result | check if name == "fp32" else result | {name: check}
-        io.write_json(layout.export_metrics, result)  # the evidence, also when the check below fails
+        files.write_json(layout.export_metrics, result)  # the evidence, also when the check below fails
         ensure_parity(check, p.max_abs_diff, p.min_top1_agreement)
         print(
             f"exported {path}: max |logit diff| {check['max_abs_diff']:.2e}, "
@@ -64,7 +65,7 @@ def run(params: Params, layout: Layout) -> None:
         )
     quantize_onnx(layout.onnx, layout.onnx_int8, p.quantize, dataset.train.images[:512])
     int8 = compare_accuracy(layout.onnx, layout.onnx_int8, test.images, test.labels)
-    io.write_json(layout.export_metrics, result | {"int8": int8})
+    files.write_json(layout.export_metrics, result | {"int8": int8})
     ensure_int8_accuracy(int8, p.max_int8_accuracy_drop)
     print(
         f"quantized ({p.quantize}) {layout.onnx_int8}: test accuracy {int8['int8_accuracy']:.4f} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from vitlab import io
+from vitlab import files
 from vitlab.data.prepared import load_prepared
 from vitlab.inference import Classifier
 from vitlab.params import Params
@@ -20,7 +20,7 @@ def run(params: Params, layout: Layout) -> None:
     seconds = time.perf_counter() - start
     predictions = probabilities.argmax(1)
     names = classifier.class_names
-    io.write_csv(
+    files.write_csv(
         layout.predictions,
         ["index", "label", "predicted", "confidence"],
         [
@@ -29,7 +29,7 @@ def run(params: Params, layout: Layout) -> None:
         ],
     )
     accuracy = float((predictions == test.labels).mean())
-    io.write_json(
+    files.write_json(
         layout.inference_metrics,
         {
             "onnxruntime_test_accuracy": round(accuracy, 6),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vitlab import io
+from vitlab import files
 from vitlab.checkpoint import Normalization, save_checkpoint
 from vitlab.data.prepared import load_prepared
 from vitlab.device import hardware_description
@@ -47,7 +47,7 @@ def run(params: Params, layout: Layout) -> None:
             state_path=layout.train_state,
         )
         save_checkpoint(layout.checkpoint, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
-        io.write_tsv(layout.train_history, result.history)
+        files.write_tsv(layout.train_history, result.history)
         plot_training_curves(result.history, layout.train_curves)
         animate_training(result.history, layout.train_gif)
         metrics = {
@@ -62,7 +62,7 @@ def run(params: Params, layout: Layout) -> None:
             "device": result.device,
             "hardware": hardware_description(result.device),
         }
-        io.write_json(layout.train_metrics, metrics)
+        files.write_json(layout.train_metrics, metrics)
         # Every output is saved: nothing left to resume, and DVC sees only the declared outputs.
         layout.train_state.unlink(missing_ok=True)
         tracker.summary(metrics)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vitlab import io
+from vitlab import files
 from vitlab.data.prepared import load_prepared
 from vitlab.params import Params
 from vitlab.stages import Layout
@@ -14,6 +14,6 @@ def run(params: Params, layout: Layout) -> None:
     result = validate_dataset(
         load_prepared(layout.prepared_dir), ValidationThresholds(**params.validate_.model_dump())
     )
-    io.write_json(layout.validation, result)
+    files.write_json(layout.validation, result)
     ensure_valid(result)
     print(f"validation passed -> {layout.validation}")
