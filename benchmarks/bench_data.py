@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from vitlab.checkpoint import Normalization
 from vitlab.compat import import_torchvision
 from vitlab.data.augment import BatchAugment
-from vitlab.models import build_model, preset_spec
+from vitlab.models import build_model, preset_config
 
 import_torchvision()
 from PIL import Image  # noqa: E402
@@ -104,7 +104,7 @@ def per_image(images: np.ndarray, labels: np.ndarray, extra: list) -> Callable[[
 def training_steps(n_batches: int) -> Callable[[], Iterator]:
     """tinyvit's forward + backward + AdamW step on batch after batch of 128 (random inputs)."""
     torch.manual_seed(0)
-    model = build_model(*preset_spec("tinyvit"))
+    model = build_model(*preset_config("tinyvit"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
 

@@ -46,9 +46,9 @@ MODELS = {"tinyvit": 10, "vit-c100": 100, "cnn-small": 10}
 def build(name: str, weights: Path | None = None) -> torch.nn.Module:
     import torch
 
-    from vitlab.models import build_model, preset_spec
+    from vitlab.models import build_model, preset_config
 
-    arch, config = preset_spec(name)
+    arch, config = preset_config(name)
     torch.manual_seed(0)
     model = build_model(arch, config | {"num_classes": MODELS[name]}).eval()
     if weights is not None:
@@ -117,10 +117,10 @@ def prepare(name: str, folder: Path) -> dict[str, tuple[str, str]]:
     fused = export_onnx(model, folder / f"{name}.onnx", classes, norm, ort_fusions=True)
     calibration = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     variants = {"pytorch eager": ("eager", f"{name}@{weights}"), "ORT fp32, plain ONNX": ("ort", str(plain))}
-    if model.cfg.__class__.__name__ == "ViTConfig":
+    if model.config.__class__.__name__ == "ViTConfig":
         # onnxruntime's own transformer optimizer: the alternative to onnxscript's fusions.
         optimized = optimize_model(
-            str(plain), model_type="vit", num_heads=model.cfg.heads, hidden_size=model.cfg.dim
+            str(plain), model_type="vit", num_heads=model.config.heads, hidden_size=model.config.dim
         )
         optimized.save_model_to_file(str(folder / f"{name}.optimizer.onnx"))
         variants["ORT fp32, transformer optimizer"] = ("ort", str(folder / f"{name}.optimizer.onnx"))
@@ -204,18 +204,21 @@ def int8_report(archive: Path, folder: Path, epochs: int, rounds: int) -> str:
     from vitlab.data.archive import extract_archive, parse_cifar
     from vitlab.data.sources import DATASETS
     from vitlab.export import export_onnx, quantize_onnx
-    from vitlab.models import build_model, preset_spec
-    from vitlab.train import TrainConfig, train
+    from vitlab.models import build_model, preset_config
+    from vitlab.params import TrainParams
+    from vitlab.train import train
 
     torch.set_num_threads(1)  # training shares the machine: one core
     # parse_cifar reads whatever the batch files hold: a subset archive works as well as the official one.
     data = parse_cifar(extract_archive(archive, folder / "extracted"), DATASETS["cifar10"])
     norm = Normalization(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
     torch.manual_seed(0)
-    arch, config = preset_spec("tinyvit")
+    arch, config = preset_config("tinyvit")
     model = build_model(arch, config | {"num_classes": 10})
-    cfg = TrainConfig(epochs=epochs, batch_size=128, learning_rate=2e-3, warmup_epochs=1, device="cpu")
-    train(model, data.train, None, norm, cfg)
+    train_params = TrainParams(
+        epochs=epochs, batch_size=128, learning_rate=2e-3, warmup_epochs=1, device="cpu"
+    )
+    train(model, data.train, None, norm, train_params)
     fp32 = export_onnx(model.eval(), folder / "model.onnx", list(data.class_names), norm, ort_fusions=True)
     calibration = data.train.images[:512]  # as the export stage calibrates
     variants = {

@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitlab.compat import import_torchvision
 from vitlab.device import hardware_description
 from vitlab.models import PRESETS as MODEL_PRESETS
-from vitlab.models import build_model, count_parameters, preset_spec
+from vitlab.models import build_model, count_parameters, preset_config
 from vitlab.train import uses_channels_last
 
 BATCH = 128
@@ -88,22 +88,28 @@ class SeedBlock(nn.Module):
 class SeedViT(nn.Module):
     """Conv patch embedding, CLS token, learned positions, SeedBlocks, LayerNorm + linear head on CLS."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, config: dict):
         super().__init__()
-        dim, patch = cfg["dim"], cfg["patch_size"]
-        inner = cfg["heads"] * (cfg.get("head_dim") or dim // cfg["heads"])
+        dim, patch = config["dim"], config["patch_size"]
+        inner = config["heads"] * (config.get("head_dim") or dim // config["heads"])
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, (32 // patch) ** 2 + 1, dim) * 0.02)
-        self.dropout = nn.Dropout(cfg.get("dropout", 0.0))
+        self.dropout = nn.Dropout(config.get("dropout", 0.0))
         self.blocks = nn.Sequential(
             *(
-                SeedBlock(dim, cfg["heads"], inner, cfg["mlp_dim"], cfg.get("dropout", 0.0))
-                for _ in range(cfg["depth"])
+                SeedBlock(
+                    dim,
+                    config["heads"],
+                    inner,
+                    config["mlp_dim"],
+                    config.get("dropout", 0.0),
+                )
+                for _ in range(config["depth"])
             )
         )
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, cfg["num_classes"])
+        self.head = nn.Linear(dim, config["num_classes"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
@@ -112,29 +118,29 @@ class SeedViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def timm_vit(cfg: dict) -> nn.Module:
+def timm_vit(config: dict) -> nn.Module:
     """timm's VisionTransformer with the configuration of a vitlab ViT (fused qkv, SDPA, CLS token)."""
     timm = import_timm()
-    head_dim = cfg.get("head_dim")
+    head_dim = config.get("head_dim")
 
     # timm's VisionTransformer has no argument for the heads' width; its Attention has.
     class HeadDimAttention(timm.layers.Attention):
         def __init__(self, dim: int, **kwargs):
             super().__init__(dim, attn_head_dim=head_dim, **kwargs)
 
-    dropout = cfg.get("dropout", 0.0)
+    dropout = config.get("dropout", 0.0)
     return timm.models.vision_transformer.VisionTransformer(
         img_size=32,
-        patch_size=cfg["patch_size"],
-        num_classes=cfg["num_classes"],
-        embed_dim=cfg["dim"],
-        depth=cfg["depth"],
-        num_heads=cfg["heads"],
-        mlp_ratio=cfg["mlp_dim"] / cfg["dim"],
+        patch_size=config["patch_size"],
+        num_classes=config["num_classes"],
+        embed_dim=config["dim"],
+        depth=config["depth"],
+        num_heads=config["heads"],
+        mlp_ratio=config["mlp_dim"] / config["dim"],
         pos_drop_rate=dropout,
         proj_drop_rate=dropout,
         attn_drop_rate=dropout,
-        drop_path_rate=cfg.get("drop_path", 0.0),
+        drop_path_rate=config.get("drop_path", 0.0),
         attn_layer=HeadDimAttention,
     )
 
@@ -151,7 +157,7 @@ def classes_of(preset: str) -> int:
 
 
 def build(engine: str, preset: str) -> nn.Module:
-    arch, config = preset_spec(preset)
+    arch, config = preset_config(preset)
     config = config | {"num_classes": classes_of(preset)}
     torch.manual_seed(0)
     if engine == "vitlab":

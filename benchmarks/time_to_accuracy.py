@@ -43,8 +43,9 @@ from vitlab.data.prepared import PreparedDataset, Split
 from vitlab.data.sources import DATASETS
 from vitlab.device import hardware_description
 from vitlab.evaluate import evaluate
-from vitlab.models import build_model, count_parameters, preset_spec
-from vitlab.train import TrainConfig, train
+from vitlab.models import build_model, count_parameters, preset_config
+from vitlab.params import TrainParams
+from vitlab.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO.parent / "shared/data/cifar-10-subset-python.tar.gz"
@@ -90,8 +91,8 @@ def our_recipe(
 ) -> float:
     """vitlab.train for ``budget_s`` seconds; returns the epochs done (the last one may be partial)."""
     options = OURS[name] | COMMON | (OURS_LONG.get(name, {}) if budget_s >= LONG_BUDGET_S else {})
-    cfg = TrainConfig(epochs=EPOCH_CAP, time_budget_s=budget_s, device="cpu", **options)
-    history = train(model, data.train, None, norm, cfg).history
+    train_params = TrainParams(epochs=EPOCH_CAP, time_budget_s=budget_s, device="cpu", **options)
+    history = train(model, data.train, None, norm, train_params).history
     return sum(row["images"] for row in history) / len(data.train)
 
 
@@ -123,7 +124,7 @@ def seeds_recipe(
 
 def run_row(name: str, recipe: str, budget_s: float, data: PreparedDataset, norm: Normalization) -> dict:
     torch.manual_seed(0)  # both recipes start from the same weights
-    arch, config = preset_spec(name)
+    arch, config = preset_config(name)
     model = build_model(arch, config | {"num_classes": data.num_classes})
     fit = our_recipe if recipe == "vitlab" else seeds_recipe
     start = time.perf_counter()

@@ -9,13 +9,13 @@ import sys
 import pytest
 from benchmark_modules import BENCHMARKS, load_benchmark
 
-from vitlab.models import build_model, preset_spec
+from vitlab.models import build_model, preset_config
 
 bench = load_benchmark("bench_train_throughput")
 
 
 def test_step_flops_counts_every_matrix_product_of_forward_and_backward():
-    arch, config = preset_spec("mlp")  # 3072 -> 512 -> 256 -> 10: three Linear layers
+    arch, config = preset_config("mlp")  # 3072 -> 512 -> 256 -> 10: three Linear layers
     step = bench.trainer(build_model(arch, config), 10)
     forward = 2 * bench.BATCH * (3072 * 512 + 512 * 256 + 256 * 10)
     # Backward: a gradient for every weight, and for every layer's input but the images'.
@@ -24,7 +24,7 @@ def test_step_flops_counts_every_matrix_product_of_forward_and_backward():
 
 
 def test_the_recorder_replays_exactly_the_steps_matrix_products():
-    arch, config = preset_spec("mlp")
+    arch, config = preset_config("mlp")
     step = bench.trainer(build_model(arch, config), 10)
     with bench.MatrixProductRecorder() as recorder:
         step()
@@ -39,7 +39,7 @@ def test_the_recorder_replays_exactly_the_steps_matrix_products():
 
 def test_vitlab_and_timm_do_the_same_matrix_work_and_the_seed_style_vit_p2_more():
     for preset in ("tinyvit", "vit-p2"):
-        arch, config = preset_spec(preset, depth=2)
+        arch, config = preset_config(preset, depth=2)
         config |= {"num_classes": 10}
         engines = {
             "vitlab": build_model(arch, config),

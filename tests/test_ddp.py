@@ -13,7 +13,8 @@ from cifar_fakes import make_dataset
 from vitlab.checkpoint import Normalization
 from vitlab.data.prepared import save_prepared
 from vitlab.models import build_model
-from vitlab.train import TrainConfig, train
+from vitlab.params import TrainParams
+from vitlab.train import train
 
 TINY_VIT = {"num_classes": 4, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}
 # No augmentation: the two processes' batches together are then exactly the one-process run's batches.
@@ -26,13 +27,14 @@ import os, sys, torch
 from cifar_fakes import make_dataset
 from vitlab.checkpoint import Normalization
 from vitlab.models import build_model
-from vitlab.train import TrainConfig, train
+from vitlab.params import TrainParams
+from vitlab.train import train
 
 torch.set_num_threads(1)
 data = make_dataset(n_train=64, num_classes=4).train
 torch.manual_seed(0)
 model = build_model("vit", {TINY_VIT!r})
-result = train(model, data, None, Normalization.from_images(data.images), TrainConfig(**{CONFIG!r}))
+result = train(model, data, None, Normalization.from_images(data.images), TrainParams(**{CONFIG!r}))
 torch.save({{"history": result.history, "weights": model.state_dict()}},
            f"{{sys.argv[1]}}/rank{{os.environ['RANK']}}.pt")
 """
@@ -69,7 +71,7 @@ def test_two_processes_stay_in_sync_and_match_one_process_with_the_same_global_b
     torch.manual_seed(0)
     model = build_model("vit", TINY_VIT)
     norm = Normalization.from_images(data.images)
-    alone = train(model, data, None, norm, TrainConfig(**CONFIG))
+    alone = train(model, data, None, norm, TrainParams(**CONFIG))
     # The two runs differ only in float32 summation order: one process sums each weight gradient over the
     # global batch's tokens, two sum half each and add. Reordering a sum of n terms moves it by at most
     # n * u * sum|terms| (u = 2^-24), so each gradient's relative error is below n * u; AdamW's update is
@@ -105,7 +107,7 @@ def test_two_processes_stay_in_sync_and_match_one_process_with_the_same_global_b
 def test_the_train_stage_under_torchrun_writes_its_outputs_from_rank_0(tmp_path):
     save_prepared(make_dataset(n_train=60, n_test=10, num_classes=4), tmp_path / "data/prepared")
     params = {
-        "model": {"name": "mlp", "mlp_hidden": [8]},
+        "model": {"name": "mlp", "hidden": [8]},
         "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "device": "cpu"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

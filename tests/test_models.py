@@ -8,7 +8,7 @@ import torch
 from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError
 from vitlab.export import export_onnx
-from vitlab.models import build_model, count_parameters, model_spec
+from vitlab.models import build_model, count_parameters, describe_model
 from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import ViT, ViTConfig, sincos_2d
 
@@ -31,7 +31,7 @@ def test_models_map_images_to_logits_and_rebuild_from_their_spec(arch, config):
     model = build_model(arch, {"num_classes": 7, **config}).eval()
     x = torch.randn(5, 3, 32, 32)
     assert model(x).shape == (5, 7)
-    spec = model_spec(model)
+    spec = describe_model(model)
     rebuilt = build_model(spec["arch"], spec["config"]).eval()
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt(x), model(x), atol=0, rtol=0)
@@ -80,8 +80,8 @@ def test_resnet_blocks_start_as_their_shortcuts():
 
 
 def test_head_dim_lets_heads_not_divide_dim():
-    cfg = ViTConfig(dim=64, heads=3, head_dim=32, depth=1)
-    model = ViT(cfg)
+    config = ViTConfig(dim=64, heads=3, head_dim=32, depth=1)
+    model = ViT(config)
     assert model.blocks[0].attn.qkv.out_features == 3 * 3 * 32
     logits, weights = model.forward_with_attention(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10)
@@ -95,16 +95,16 @@ OPTIONS = list(itertools.product(("patch", "conv"), ("cls", "mean"), ("learned",
 @pytest.mark.parametrize("training", [False, True])
 def test_fused_and_explicit_attention_agree_and_weights_are_distributions(stem, pool, pos_embed, training):
     torch.manual_seed(0)
-    cfg = ViTConfig(
+    config = ViTConfig(
         depth=3, dim=32, heads=4, mlp_dim=64, patch_size=8, stem=stem, pool=pool, pos_embed=pos_embed
     )
-    model = ViT(cfg).train(training)  # no dropout: the training path (SDPA) is deterministic too
+    model = ViT(config).train(training)  # no dropout: the training path (SDPA) is deterministic too
     x = torch.randn(4, 3, 32, 32)
     fused = model(x)
     explicit, weights = model.forward_with_attention(x)
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
     tokens = 16 + (pool == "cls")
-    assert cfg.num_tokens == tokens
+    assert config.num_tokens == tokens
     assert weights.shape == (3, 4, 4, tokens, tokens)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 4, tokens))
 
@@ -135,7 +135,7 @@ def test_today_checkpoints_keep_loading():
     old_weights = {name: torch.randn(shape) for name, shape in shapes.items()}
     model = build_model("vit", config)
     model.load_state_dict(old_weights)  # strict: no key missing, none unexpected
-    assert model_spec(model)["config"] == config | {
+    assert describe_model(model)["config"] == config | {
         "stem": "patch",
         "pool": "cls",
         "pos_embed": "learned",
@@ -216,10 +216,13 @@ def test_stochastic_depth_skips_a_block_for_whole_samples():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"stem": "conv", "patch_size": 1}, "stem='conv' needs a patch_size of 2, 4, 8"),
-        ({"pool": "max"}, "vit pool='max': expected one of cls, mean"),
-        ({"pos_embed": "sincos", "dim": 18, "heads": 2}, "needs dim divisible by 4"),
-        ({"patch_size": 5}, "patch_size=5 does not divide image_size=32"),
+        ({"stem": "conv", "patch_size": 1}, "vit config: stem=conv .*: patch_size=1 must be 2, 4, 8"),
+        ({"pool": "max"}, "vit config: pool: Input should be 'cls' or 'mean'"),
+        ({"pos_embed": "sincos", "dim": 18, "heads": 2}, "needs dim=18 to be divisible by 4"),
+        (
+            {"patch_size": 5},
+            r"patch_size=5 does not divide the image size 32 \(allowed: 1, 2, 4, 8, 16, 32\)",
+        ),
     ],
 )
 def test_impossible_vit_configs_are_one_line_errors(config, message):
@@ -228,14 +231,14 @@ def test_impossible_vit_configs_are_one_line_errors(config, message):
 
 
 def test_resnet_needs_one_block_count_per_stage():
-    with pytest.raises(VitlabError, match=r"need one entry per stage"):
+    with pytest.raises(VitlabError, match="resnet config: widths has 2 stages but blocks 1"):
         build_model("resnet", {"widths": [16, 32], "blocks": [3]})
 
 
 def test_unknown_architecture_or_config_key_is_a_clear_error():
     with pytest.raises(VitlabError, match="unknown architecture 'transformer'"):
         build_model("transformer", {})
-    with pytest.raises(VitlabError, match="unknown keys: patch"):
+    with pytest.raises(VitlabError, match="cnn config: patch: unknown key"):
         build_model("cnn", {"patch": 4})
 
 

@@ -16,8 +16,8 @@ from vitlab.data.prepared import Split
 from vitlab.errors import VitlabError
 from vitlab.export import export_onnx, verify_onnx
 from vitlab.models import build_model
-from vitlab.params import OPSETS, Params, parse_params
-from vitlab.train import TrainConfig, split_train_val, train
+from vitlab.params import OPSETS, Params, TrainParams, parse_params
+from vitlab.train import split_train_val, train
 
 # Keys whose bound can only be reached together with another key (cross-field rules).
 PARTNERS = {
@@ -133,11 +133,11 @@ TRAIN_EDGES = [
 @pytest.mark.parametrize("edge", TRAIN_EDGES, ids=lambda edge: ",".join(f"{k}={v}" for k, v in edge.items()))
 def test_training_runs_at_the_edge_of_every_train_key(edge):
     params = parse_params({"train": {"epochs": 1, "warmup_epochs": 0, "device": "cpu"} | edge})
-    cfg = TrainConfig(**params.train.model_dump())
+    train_params = TrainParams(**params.train.model_dump())
     data = _data()
     torch.manual_seed(0)
     model = build_model("vit", {"num_classes": 2, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2})
-    result = train(model, data, None, Normalization.from_images(data.images), cfg)
+    result = train(model, data, None, Normalization.from_images(data.images), train_params)
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
 
 
@@ -153,16 +153,16 @@ def test_training_runs_at_the_edge_of_every_train_key(edge):
         {"dropout": math.nextafter(1.0, 0.0), "drop_path": math.nextafter(1.0, 0.0), "depth": 2},
         {"pos_embed": "sincos", "dim": 4, "heads": 1},
         {"pool": "mean"},
-        {"name": "cnn", "cnn_channels": [1, 1, 1, 1, 1]},
-        {"name": "resnet", "resnet_widths": [1] * 7, "resnet_blocks": [1] * 7},
-        {"name": "mlp", "mlp_hidden": [1]},
+        {"name": "cnn", "channels": [1, 1, 1, 1, 1]},
+        {"name": "resnet", "widths": [1] * 7, "blocks": [1] * 7},
+        {"name": "mlp", "hidden": [1]},
     ],
     ids=str,
 )
 def test_models_build_and_train_at_the_edges_of_the_model_keys(model):
     params = parse_params({"model": model})
     torch.manual_seed(0)
-    net = build_model(params.model.name, params.model.arch_config(3))
+    net = build_model(params.model.name, params.model.config(3))
     x = torch.randn(2, 3, 32, 32)
     loss = net.train()(x).logsumexp(1).mean()
     loss.backward()

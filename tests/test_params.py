@@ -35,8 +35,8 @@ def test_committed_params_file_is_valid_and_complete():
             "cnn-small, resnet, mlp",
         ),
         (
-            {"model": {"preset": "resnet", "name": "vit"}},
-            "model.name=vit contradicts model.preset=resnet (a resnet); leave model.name null",
+            {"model": {"preset": "resnet", "name": "cnn"}},
+            "model.name=cnn contradicts model.preset=resnet (a resnet); set model.preset to null",
         ),
         ({"model": {"preset": "vit-small", "heads": 5}}, "model.heads=5 does not divide model.dim=384"),
         ({"model": {"stem": "conv", "patch_size": 1}}, "model.stem=conv halves the image per conv stage"),
@@ -44,8 +44,8 @@ def test_committed_params_file_is_valid_and_complete():
         ({"model": {"pool": "max"}}, "model.pool: got 'max'; input should be 'cls' or 'mean'"),
         ({"model": {"drop_path": 1.0}}, "model.drop_path: got 1.0; allowed: >= 0.0 and < 1.0"),
         (
-            {"model": {"name": "resnet", "resnet_widths": [8, 16]}},
-            "model.resnet_widths has 2 stages but model.resnet_blocks 3",
+            {"model": {"name": "resnet", "widths": [8, 16]}},
+            "model.widths has 2 stages but blocks 3",
         ),
         ({"data": {"dataset": "imagenet"}}, "data.dataset: got 'imagenet'; input should be 'cifar10-sample'"),
         ({"train": {"learning_rate": 0}}, "train.learning_rate: got 0; allowed: > 0.0"),
@@ -73,14 +73,34 @@ def test_a_preset_fills_the_keys_left_unset_and_explicit_keys_override_it():
     assert (m.name, m.dim, m.heads, m.mlp_dim, m.dropout) == ("vit", 192, 8, 256, 0.1)  # the preset's
     assert (m.depth, m.pool) == (8, "mean")  # set beside it
     assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
-    resnet = parse_params({"model": {"preset": "resnet", "resnet_blocks": [2, 2, 2], "dim": 999}}).model
-    assert (resnet.name, resnet.resnet_widths, resnet.resnet_blocks) == ("resnet", (16, 32, 64), (2, 2, 2))
+    resnet = parse_params({"model": {"preset": "resnet", "blocks": [2, 2, 2], "dim": 999}}).model
+    assert (resnet.name, resnet.widths, resnet.blocks) == ("resnet", (16, 32, 64), (2, 2, 2))
+
+
+def test_the_committed_params_file_is_the_default_run_and_a_preset_replaces_its_model():
+    committed = load_params(REPO / "params.yaml")
+    assert committed == Params()  # the file spells out every default: it shows the run
+    assert (committed.model.preset, committed.model.dim, committed.train.learning_rate) == (
+        "tinyvit",
+        64,
+        2e-3,
+    )
+    raw = committed.model_dump(by_alias=True)
+    # What `dvc exp run -S model.preset=vit-small` writes: only the preset changes in the file.
+    small = parse_params(raw | {"model": raw["model"] | {"preset": "vit-small"}}).model
+    assert (small.dim, small.depth, small.heads, small.mlp_dim) == (384, 7, 6, 1536)
+    # ... and with -S model.depth=8 beside it, the changed key overrides the preset.
+    deeper = parse_params(raw | {"model": raw["model"] | {"preset": "vit-small", "depth": 8}}).model
+    assert (deeper.dim, deeper.depth) == (384, 8)
+    # -S model.name=resnet alone: the named architecture, the default preset set aside.
+    resnet = parse_params(raw | {"model": raw["model"] | {"name": "resnet"}}).model
+    assert (resnet.preset, resnet.name, resnet.widths) == (None, "resnet", (16, 32, 64))
 
 
 def test_null_model_keys_take_their_defaults():
-    params = parse_params({"model": {"preset": None, "name": None, "dim": None, "cnn_channels": None}})
-    assert params.model == parse_params({}).model
-    assert (params.model.name, params.model.dim, params.model.cnn_channels) == ("vit", 64, (16, 32))
+    params = parse_params({"model": {"preset": None, "name": None, "dim": None, "channels": None}})
+    assert params.model == parse_params({}).model.model_copy(update={"preset": None})
+    assert (params.model.name, params.model.dim, params.model.channels) == ("vit", 64, (16, 32))
 
 
 def test_heads_need_not_divide_dim_with_an_explicit_head_dim():

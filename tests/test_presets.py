@@ -1,4 +1,3 @@
-import dataclasses
 import typing
 
 import pytest
@@ -6,10 +5,9 @@ import torch
 from benchmark_modules import load_benchmark
 
 from vitlab.errors import VitlabError
-from vitlab.models import ARCHITECTURES, PRESETS, build_model, count_parameters, preset_spec
-from vitlab.models import vit as vit_module
+from vitlab.models import MODELS, PRESETS, build_model, count_parameters, preset_config
 from vitlab.models.__main__ import preset_table
-from vitlab.params import ARCH_PARAMS, ModelParams, parse_params
+from vitlab.params import CONFIGS, FROM_DATA, ModelParams, parse_params
 
 # Computed by hand (tests/test_models.py has the per-layer formulas) and cross-checked against timm's
 # VisionTransformer with the identical configuration (below). For 10 classes unless stated.
@@ -32,7 +30,7 @@ def test_every_preset_has_an_expected_parameter_count():
 
 @pytest.mark.parametrize(("name", "classes"), list(EXPECTED_PARAMETERS))
 def test_presets_build_with_their_parameter_counts(name, classes):
-    arch, config = preset_spec(name)
+    arch, config = preset_config(name)
     model = build_model(arch, config | {"num_classes": classes})
     assert count_parameters(model) == EXPECTED_PARAMETERS[name, classes]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, classes)
@@ -41,7 +39,7 @@ def test_presets_build_with_their_parameter_counts(name, classes):
 @pytest.mark.parametrize("name", [name for name, preset in PRESETS.items() if preset.arch == "vit"])
 def test_vit_presets_have_the_parameter_count_of_timms_identical_vit(name):
     bench = load_benchmark("bench_train_throughput")  # its timm and seed-style engines must match our presets
-    arch, config = preset_spec(name)
+    arch, config = preset_config(name)
     config |= {"num_classes": 100 if name == "vit-c100" else 10}
     ours = build_model(arch, config)
     assert count_parameters(bench.timm_vit(config)) == count_parameters(ours)
@@ -50,7 +48,7 @@ def test_vit_presets_have_the_parameter_count_of_timms_identical_vit(name):
 
 
 def test_preset_values_are_overridable_key_by_key():
-    arch, config = preset_spec("vit-c100", depth=2, pool="mean")
+    arch, config = preset_config("vit-c100", depth=2, pool="mean")
     assert arch == "vit"
     assert config == PRESETS["vit-c100"].config | {"depth": 2, "pool": "mean"}
     assert PRESETS["vit-c100"].config["depth"] == 6  # the table itself is left alone
@@ -58,51 +56,40 @@ def test_preset_values_are_overridable_key_by_key():
 
 def test_unknown_presets_and_keys_are_one_line_errors():
     with pytest.raises(VitlabError, match=r"unknown preset 'vit-huge' \(known: tinyvit, vit-tiny, .*, mlp\)"):
-        preset_spec("vit-huge")
-    with pytest.raises(VitlabError, match="resnet config has unknown keys: dim"):
-        preset_spec("resnet", dim=64)
+        preset_config("vit-huge")
+    with pytest.raises(VitlabError, match="resnet config: dim: unknown key"):
+        preset_config("resnet", dim=64)
 
 
 def test_vit_p2_gives_its_three_heads_a_width_of_their_own():
-    arch, config = preset_spec("vit-p2")
+    arch, config = preset_config("vit-p2")
     model = build_model(arch, config)
     assert config["dim"] % config["heads"] != 0
     assert model.blocks[0].attn.qkv.out_features == 3 * 3 * 32
-    assert model.cfg.num_tokens == 257
+    assert model.config.num_tokens == 257
 
 
 # --- params.yaml: model.preset ---------------------------------------------------------------------------
 
 
-def test_every_preset_and_architecture_maps_onto_params_keys():
-    for arch, keys in ARCH_PARAMS.items():
-        config_fields = {f.name for f in dataclasses.fields(ARCHITECTURES[arch][0])}
-        assert set(keys) <= config_fields, arch
-        assert set(keys.values()) <= set(ModelParams.model_fields), arch
-    assert (
-        set(ARCH_PARAMS)
-        == set(ARCHITECTURES)
-        == set(typing.get_args(ModelParams.model_fields["name"].annotation))
-    )
+def test_every_architectures_config_keys_are_the_model_sections_keys():
+    assert set(CONFIGS) == set(MODELS) == set(typing.get_args(ModelParams.model_fields["name"].annotation))
+    for arch, config in CONFIGS.items():
+        keys = set(config.model_fields) - set(FROM_DATA)
+        assert keys <= set(ModelParams.model_fields), arch
+        for key in keys:  # the same definition: default, range and description
+            assert ModelParams.model_fields[key].default == config.model_fields[key].default, (arch, key)
+            assert ModelParams.model_fields[key].metadata == config.model_fields[key].metadata, (arch, key)
     for name, preset in PRESETS.items():
-        assert set(preset.config) <= set(ARCH_PARAMS[preset.arch]), name
-
-
-def test_vit_options_offer_the_same_choices_in_params_and_model():
-    for key, choices in (
-        ("stem", vit_module.STEMS),
-        ("pool", vit_module.POOLS),
-        ("pos_embed", vit_module.POS_EMBEDS),
-    ):
-        assert typing.get_args(ModelParams.model_fields[key].annotation) == choices
+        assert set(preset.config) <= set(CONFIGS[preset.arch].model_fields), name
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_a_preset_in_params_builds_the_presets_model(name):
     params = parse_params({"model": {"preset": name}})
-    arch, config = preset_spec(name)
+    arch, config = preset_config(name)
     assert params.model.name == arch
-    built = params.model.arch_config(10)
+    built = params.model.config(10).model_dump()
     assert {key: built[key] for key in config} == config
     assert count_parameters(build_model(arch, built)) == EXPECTED_PARAMETERS[name, 10]
 

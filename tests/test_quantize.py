@@ -19,8 +19,8 @@ from vitlab.export import (
 )
 from vitlab.inference import Classifier
 from vitlab.models import build_model
-from vitlab.params import ExportParams
-from vitlab.train import TrainConfig, train
+from vitlab.params import ExportParams, TrainParams
+from vitlab.train import train
 
 # Every value params.yaml may choose for export.quantize: each one is quantized and checked below.
 METHODS = typing.get_args(ExportParams.model_fields["quantize"].annotation)
@@ -43,8 +43,8 @@ def fp32(sample, tmp_path_factory):
     something, with the small logit margins of a real model, where int8 rounding flips predictions."""
     torch.manual_seed(0)  # the initial weights: train() seeds only what it draws itself
     model = build_model("vit", MODELS["vit"])
-    cfg = TrainConfig(epochs=4, batch_size=64, learning_rate=2e-3, warmup_epochs=0.5, device="cpu")
-    train(model, sample.train, None, NORM, cfg)
+    train_params = TrainParams(epochs=4, batch_size=64, learning_rate=2e-3, warmup_epochs=0.5, device="cpu")
+    train(model, sample.train, None, NORM, train_params)
     # Fused, as the export stage ships it: int8 is derived from that graph.
     folder = tmp_path_factory.mktemp("fp32")
     return export_onnx(model.eval(), folder / "model.onnx", sample.class_names, NORM, ort_fusions=True)

@@ -21,7 +21,7 @@ N_TEST = 40
 TRAIN = {"epochs": 3, "warmup_epochs": 1, "batch_size": 32, "device": "cpu"}
 MODELS = {
     "vit": {"name": "vit", "patch_size": 8, "dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32},
-    "cnn": {"name": "cnn", "cnn_channels": [4, 8]},
+    "cnn": {"name": "cnn", "channels": [4, 8]},
 }
 
 

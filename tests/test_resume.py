@@ -17,7 +17,8 @@ from vitlab.checkpoint import Normalization
 from vitlab.cli import main
 from vitlab.data.prepared import save_prepared
 from vitlab.models import build_model
-from vitlab.train import TrainConfig, split_train_val, train
+from vitlab.params import TrainParams
+from vitlab.train import split_train_val, train
 
 EPOCHS = 6
 TINY_VIT = {"num_classes": 4, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}
@@ -31,17 +32,19 @@ from cifar_fakes import make_dataset
 from vitlab import checkpoint
 from vitlab.checkpoint import Normalization
 from vitlab.models import build_model
-from vitlab.train import TrainConfig, split_train_val, train
+from vitlab.params import TrainParams
+from vitlab.train import split_train_val, train
 
 torch.set_num_threads(1)  # bit-exact across processes
 state_path, out, pause, options = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
 tr, va = split_train_val(make_dataset(n_train=120, num_classes=4).train, 0.25, 0)
 torch.manual_seed(0)
 model = build_model("vit", {TINY_VIT!r} | {{"dropout": 0.1}})
-cfg = TrainConfig(epochs={EPOCHS}, batch_size=32, learning_rate=3e-3, warmup_epochs=1, device="cpu",
+train_params = TrainParams(epochs={EPOCHS}, batch_size=32, learning_rate=3e-3, warmup_epochs=1, device="cpu",
                   **options)
 norm = Normalization.from_images(tr.images)
-result = train(model, tr, va, norm, cfg, on_epoch=lambda row: time.sleep(pause), state_path=state_path)
+result = train(model, tr, va, norm, train_params, on_epoch=lambda row: time.sleep(pause),
+               state_path=state_path)
 torch.save({{"history": result.history, "best": (result.best_epoch, result.best_val_accuracy),
             "weights": model.state_dict()}}, out)
 """
@@ -102,9 +105,9 @@ def _fit(state: Path | None, epochs: int, resume: bool = True) -> tuple[dict, li
     tr, va = split_train_val(make_dataset(n_train=80, num_classes=4).train, 0.25, 0)
     torch.manual_seed(0)
     model = build_model("vit", TINY_VIT)
-    cfg = TrainConfig(epochs=epochs, batch_size=32, warmup_epochs=1, device="cpu", resume=resume)
+    train_params = TrainParams(epochs=epochs, batch_size=32, warmup_epochs=1, device="cpu", resume=resume)
     seen = []
-    result = train(model, tr, va, Normalization.from_images(tr.images), cfg, seen.append, state)
+    result = train(model, tr, va, Normalization.from_images(tr.images), train_params, seen.append, state)
     run = {"history": result.history, "best": (result.best_epoch, result.best_val_accuracy)}
     return run | {"weights": model.state_dict()}, [int(row["epoch"]) for row in seen]
 
@@ -131,7 +134,7 @@ def test_the_train_stage_deletes_its_state_once_its_outputs_are_saved(tmp_path, 
     monkeypatch.chdir(tmp_path)
     save_prepared(make_dataset(n_train=60, n_test=10, num_classes=4), "data/prepared")
     params = {
-        "model": {"name": "mlp", "mlp_hidden": [8]},
+        "model": {"name": "mlp", "hidden": [8]},
         "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "device": "cpu"},
     }
     Path("params.yaml").write_text(yaml.safe_dump(params))

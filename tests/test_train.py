@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from vitlab.errors import VitlabError
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model
 from vitlab.params import TrainParams, parse_params
-from vitlab.train import TrainConfig, split_train_val, train, warmup_cosine
+from vitlab.train import split_train_val, train, warmup_cosine
 
 
 def _separable_split(n: int, seed: int = 0) -> Split:
@@ -58,8 +57,8 @@ def test_training_learns_a_separable_problem_and_keeps_the_best_epoch():
     norm = Normalization.from_images(tr.images)
     model = build_model("mlp", {"num_classes": 2, "hidden": [32]})
     seen = []
-    cfg = TrainConfig(epochs=4, batch_size=32, learning_rate=3e-3, warmup_epochs=1, device="cpu")
-    result = train(model, tr, va, norm, cfg, on_epoch=seen.append)
+    train_params = TrainParams(epochs=4, batch_size=32, learning_rate=3e-3, warmup_epochs=1, device="cpu")
+    result = train(model, tr, va, norm, train_params, on_epoch=seen.append)
     assert [row["epoch"] for row in seen] == [1, 2, 3, 4]
     assert result.history == seen
     assert result.best_val_accuracy == max(row["val_accuracy"] for row in seen) >= 0.9
@@ -77,13 +76,13 @@ EVERY_AUGMENTATION = {
 
 
 def _run(spec: tuple[str, dict], data: Split, **options) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    cfg = TrainConfig(
+    train_params = TrainParams(
         **{"epochs": 2, "batch_size": 32, "warmup_epochs": 1, "device": "cpu", "seed": 5} | options
     )
     torch.manual_seed(0)  # the train stage seeds before building the model, so the init is fixed too
     model = build_model(*spec)
     torch.manual_seed(123)  # training must not depend on the global RNG state when it starts
-    history = train(model, data, None, Normalization.from_images(data.images), cfg).history
+    history = train(model, data, None, Normalization.from_images(data.images), train_params).history
     return [{k: v for k, v in row.items() if k != "images_per_s"} for row in history], model.state_dict()
 
 
@@ -129,12 +128,16 @@ def test_a_time_budget_stops_training_and_anneals_the_learning_rate_by_the_clock
     data = _separable_split(128, seed=4)
     norm = Normalization.from_images(data.images)
     model = build_model(*TINY_VIT)
-    cfg = TrainConfig(epochs=10_000, warmup_epochs=100, batch_size=16, device="cpu", time_budget_s=2.0)
-    result = train(model, data, None, norm, cfg)
+    train_params = TrainParams(
+        epochs=10_000, warmup_epochs=100, batch_size=16, device="cpu", time_budget_s=2.0
+    )
+    result = train(model, data, None, norm, train_params)
     assert 2.0 <= result.wall_time_s < 60
-    assert 1 <= len(result.history) < cfg.epochs
+    assert 1 <= len(result.history) < train_params.epochs
     lrs = [row["lr"] for row in result.history]
-    assert lrs[-1] < 0.2 * cfg.learning_rate  # the cosine reached its end with the budget, not the epochs
+    assert (
+        lrs[-1] < 0.2 * train_params.learning_rate
+    )  # the cosine reached its end with the budget, not the epochs
     log = capsys.readouterr().err
     assert re.search(r"^epoch 1 \(\d+/2 s\)  loss", log, re.MULTILINE)  # progress by the clock
     assert "/10000" not in log
@@ -159,12 +162,6 @@ def test_evaluate_confusion_and_per_class_accuracy():
     assert result.per_class_accuracy == [1.0, 0.0, 0.0]
     assert result.confusion.tolist() == [[2, 0, 0], [1, 0, 0], [1, 0, 0]]
     assert result.predictions.tolist() == [0, 0, 0, 0]
-
-
-def test_every_train_param_reaches_the_train_config():
-    # The train stage passes params.train as TrainConfig(**...): the two must name the same options.
-    assert set(TrainParams.model_fields) == {f.name for f in dataclasses.fields(TrainConfig)}
-    assert TrainConfig(**TrainParams().model_dump()) == TrainConfig()  # and share their defaults
 
 
 @pytest.mark.parametrize(
@@ -192,12 +189,12 @@ DIVERGED = re.compile(
 
 def _diverging(spec, data, tmp_path, **options) -> tuple[VitlabError, list[dict], Path]:
     """Train until the VitlabError that stops a diverged run: it, the epochs reported, the state file."""
-    cfg = TrainConfig(**{"epochs": 2, "batch_size": 32, "device": "cpu", "seed": 5} | options)
+    train_params = TrainParams(**{"epochs": 2, "batch_size": 32, "device": "cpu", "seed": 5} | options)
     torch.manual_seed(0)
     model = build_model(*spec) if isinstance(spec, tuple) else spec
     seen, state = [], tmp_path / "state.pt"
     with pytest.raises(VitlabError) as error:
-        train(model, data, None, Normalization.from_images(data.images), cfg, seen.append, state)
+        train(model, data, None, Normalization.from_images(data.images), train_params, seen.append, state)
     assert "\n" not in str(error.value)
     return error.value, seen, state
 
@@ -328,7 +325,7 @@ sys.exit(main(["stage", "train"]))
 
 
 def test_under_torchrun_every_process_stops_at_the_step_one_of_them_diverged(tmp_path):
-    _stage_folder(tmp_path, {"name": "mlp", "mlp_hidden": [8]}, {"warmup_epochs": 1})
+    _stage_folder(tmp_path, {"name": "mlp", "hidden": [8]}, {"warmup_epochs": 1})
     script = tmp_path / "stage.py"
     script.write_text(DDP_STAGE)
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
@@ -348,7 +345,7 @@ def test_under_torchrun_every_process_stops_at_the_step_one_of_them_diverged(tmp
 
 
 def test_without_a_validation_split_the_metrics_say_null_not_nan(tmp_path, monkeypatch, capsys):
-    _stage_folder(tmp_path, {"name": "mlp", "mlp_hidden": [8]}, {"warmup_epochs": 1})
+    _stage_folder(tmp_path, {"name": "mlp", "hidden": [8]}, {"warmup_epochs": 1})
     params = yaml.safe_load((tmp_path / "params.yaml").read_text()) | {"data": {"val_fraction": 0.0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)

@@ -26,7 +26,7 @@ from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError
 from vitlab.figures import plot_overlays, prediction_title
 from vitlab.gradcam import find_target_layer, grad_cam
-from vitlab.models import eval_mode, has_attention, model_spec
+from vitlab.models import describe_model, eval_mode, has_attention
 
 RELATIVE = "relative to the map's maximum"
 
@@ -67,7 +67,7 @@ def render_attention(
     """
     if len(images_uint8) == 0:
         raise VitlabError("no images to render attention maps for")
-    arch = model_spec(model)["arch"]
+    arch = describe_model(model)["arch"]
     device = next(model.parameters()).device
     x = norm.to_tensor(torch.as_tensor(images_uint8, device=device))
     if has_attention(model):
@@ -113,7 +113,7 @@ def _render_vit(
     with eval_mode(model), torch.no_grad():
         logits, weights = model.forward_with_attention(x)
     weights = weights.float().cpu()
-    cls_token = model.cfg.pool == "cls"
+    cls_token = model.config.pool == "cls"
     depth, n, heads, _, _ = weights.shape
     side = model.grid_size  # a conv stem makes its own grid: not always 32 / patch_size
     query = "[CLS] attention" if cls_token else "mean attention received (no [CLS] token: mean pooling)"

@@ -20,7 +20,7 @@ from torch import nn
 
 from vitlab import files
 from vitlab.errors import VitlabError
-from vitlab.models import build_model, model_spec
+from vitlab.models import build_model, describe_model
 
 # What torch.load raises for a file that is not a readable torch archive (truncated, foreign, hostile).
 UNREADABLE = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError)
@@ -60,7 +60,7 @@ def save_checkpoint(
     path: str | Path, model: nn.Module, class_names: list[str], norm: Normalization, dataset: str
 ) -> None:
     payload = {
-        **model_spec(model),
+        **describe_model(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "class_names": list(class_names),
         "mean": list(norm.mean),

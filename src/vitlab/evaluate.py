@@ -43,6 +43,26 @@ class EvalResult:
     confidences: np.ndarray  # (N,) probability of the predicted label
     losses: np.ndarray  # (N,) cross-entropy of each image; their mean is ``loss``
 
+    def metrics(self) -> dict[str, float | int]:
+        """test_loss, test_accuracy (rounded to 6 digits) and test_images: reports/eval/metrics.json."""
+        return {
+            "test_loss": round(self.loss, 6),
+            "test_accuracy": round(self.accuracy, 6),
+            "test_images": len(self.predictions),
+        }
+
+    def per_class_rows(self, class_names: list[str]) -> list[dict[str, Any]]:
+        """One row per class: its name, accuracy (recall) and support (test images of that class)."""
+        support = self.confusion.sum(1)
+        return [
+            {"class": name, "accuracy": accuracy, "support": int(count)}
+            for name, accuracy, count in zip(class_names, self.per_class_accuracy, support, strict=True)
+        ]
+
+    def confusion_pairs(self, labels: np.ndarray, class_names: list[str]) -> list[tuple[str, str]]:
+        """(actual, predicted) class names per test image, in test-set order: DVC's confusion plot's input."""
+        return [(class_names[a], class_names[p]) for a, p in zip(labels, self.predictions, strict=True)]
+
 
 def evaluate(
     model: nn.Module,
@@ -52,6 +72,9 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
+    """Score ``model`` on ``split`` (uint8 (N, 32, 32, 3) images, int64 labels) in eval mode, batch by batch
+    on ``device``: mean cross-entropy, accuracy, per-class accuracy, the (classes, classes) confusion matrix
+    (rows: true labels) and each image's prediction, confidence and loss."""
     logits = predict_logits(model, split.images, norm, batch_size, device)
     labels = torch.as_tensor(split.labels)
     probabilities = logits.softmax(dim=1)

@@ -27,7 +27,7 @@ from vitlab.checkpoint import Normalization
 from vitlab.data import IMAGE_SIZE
 from vitlab.errors import VitlabError, one_line
 from vitlab.inference import Classifier
-from vitlab.models import eval_mode, has_attention, model_spec
+from vitlab.models import describe_model, eval_mode, has_attention
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -68,7 +68,7 @@ def export_onnx(
     faster in ONNX Runtime, but no longer plain ONNX, so other runtimes cannot load it.
     """
     path = Path(path)
-    spec = model_spec(model)
+    spec = describe_model(model)
     if with_attention and not has_attention(model):
         raise VitlabError(f"{spec['arch']} has no attention to export (with_attention needs a ViT)")
     props = {

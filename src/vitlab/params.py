@@ -1,11 +1,14 @@
 """The schema of ``params.yaml``: one pydantic model per section, with the errors users see.
 
 Every key has a type, a range and a default, and unknown keys are refused, so a typo such as
-``model.patch_szie`` is a one-line error naming the key instead of a silently ignored setting.
+``model.patch_szie`` is a one-line error naming the key instead of a silently ignored setting. Each setting
+is defined here once: the training loop reads ``TrainParams`` itself, and the model section is the union of
+the architectures' configs (``ViTConfig`` ...), which the models read. params.yaml holds these defaults.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,46 +21,28 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from vitlab.data import IMAGE_SIZE
 from vitlab.data.sources import DATASETS
 from vitlab.errors import VitlabError, one_line
 from vitlab.presets import PRESETS
 
-IMAGE_SIZE = 32
 # The ONNX opsets an export works at, measured for every architecture: torch's exporter writes opset 18 and up
 # (Split's num_outputs fails the checker at 17), and ONNX Runtime 1.31 runs up to 25 (the ViT fails at 26).
 OPSETS = (18, 25)
 # numpy's and torch's generators both take any seed in this range.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
-ModelName = Literal["vit", "cnn", "resnet", "mlp"]
-_VIT_KEYS = (
-    "patch_size",
-    "dim",
-    "depth",
-    "heads",
-    "head_dim",
-    "mlp_dim",
-    "dropout",
-    "stem",
-    "pool",
-    "pos_embed",
-    "drop_path",
-)
-# The params keys each architecture reads, by the name of the config key they set (vitlab.models): presets
-# are written in config keys, and ModelParams.arch_config builds configs from params with this table.
-ARCH_PARAMS: dict[str, dict[str, str]] = {
-    "vit": {key: key for key in _VIT_KEYS},
-    "cnn": {"channels": "cnn_channels", "dropout": "dropout"},
-    "resnet": {"widths": "resnet_widths", "blocks": "resnet_blocks", "dropout": "dropout"},
-    "mlp": {"hidden": "mlp_hidden", "dropout": "dropout"},
-}
+Widths = Annotated[tuple[PositiveInt, ...], Field(min_length=1)]
 
 
 class Section(BaseModel):
+    """A section of params.yaml (or an architecture's config): frozen, unknown keys refused."""
+
     # inf and nan are numbers to YAML (.inf, .nan) but no setting of ours can honour them.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -68,6 +53,133 @@ class Section(BaseModel):
         if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
             raise ValueError(f"got {value}; expected a number or a choice, not true/false")
         return value
+
+
+# --- The architectures' configs: each key of the model section, its default, its range and its rules -------
+
+
+class ArchConfig(Section):
+    """What every architecture takes from the dataset rather than from params.yaml, and the dropout all four
+    share. A checkpoint stores its model's config as a dict, so it rebuilds without params.yaml."""
+
+    num_classes: int = Field(10, gt=0)  # from the dataset
+    image_size: int = Field(IMAGE_SIZE, gt=0)  # height = width, in pixels
+    in_channels: int = Field(3, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability (vit: also attention)")
+
+
+class ViTConfig(ArchConfig):
+    """The Vision Transformer's shape (``vitlab.models.vit.ViT``; Dosovitskiy et al., 2021), with the options
+    known to matter when a ViT is trained from scratch on small data: a conv stem, mean pooling, fixed
+    positions and stochastic depth."""
+
+    patch_size: int = Field(4, gt=0, description="each token covers patch_size x patch_size pixels")
+    dim: int = Field(64, gt=0, description="token width")
+    depth: int = Field(6, gt=0, description="transformer blocks")
+    heads: int = Field(4, gt=0, description="attention heads; must divide dim unless head_dim is set")
+    head_dim: int | None = Field(
+        None, gt=0, description="per-head width (lucidrains' dim_head); null: dim // heads"
+    )
+    mlp_dim: int = Field(128, gt=0, description="hidden width of each block's MLP")
+    stem: Literal["patch", "conv"] = Field(
+        "patch", description="patch: a linear map per patch; conv: CCT's tokenizer, log2(patch_size) stages"
+    )
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="cls: the CLS token's output; mean: global average pooling, no CLS token"
+    )
+    pos_embed: Literal["learned", "sincos"] = Field("learned", description="sincos: fixed 2D sin-cos (MAE)")
+    drop_path: float = Field(
+        0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block, rising from 0 at the first"
+    )
+
+    @model_validator(mode="after")
+    def _geometry(self) -> ViTConfig:
+        if self.image_size % self.patch_size:
+            allowed = [p for p in range(1, self.image_size + 1) if self.image_size % p == 0]
+            raise ValueError(
+                f"patch_size={self.patch_size} does not divide the image size {self.image_size} "
+                f"(allowed: {', '.join(map(str, allowed))})"
+            )
+        if self.head_dim is None and self.dim % self.heads:
+            raise ValueError(
+                f"heads={self.heads} does not divide dim={self.dim}; "
+                "choose heads that divide dim or set head_dim"
+            )
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(
+                f"stem=conv halves the image per conv stage: patch_size={self.patch_size} must be "
+                "2, 4, 8, ..."
+            )
+        if self.pos_embed == "sincos" and self.dim % 4:
+            raise ValueError(f"pos_embed=sincos needs dim={self.dim} to be divisible by 4")
+        return self
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the concatenated heads: heads x head_dim (dim when head_dim is unset)."""
+        return self.heads * (self.head_dim or self.dim // self.heads)
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side, for either stem."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens: grid_size squared."""
+        return self.grid_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length: the patches, plus the CLS token with ``pool="cls"``."""
+        return self.num_patches + (self.pool == "cls")
+
+
+class CNNConfig(ArchConfig):
+    """The small CNN baseline (``vitlab.models.cnn.CNN``): a conv3x3-ReLU-maxpool block per width."""
+
+    channels: Widths = Field((16, 32), description="cnn: output channels of each conv block")
+
+    @model_validator(mode="after")
+    def _fits_the_image(self) -> CNNConfig:
+        most = self.image_size.bit_length() - 1  # each block halves the side
+        if len(self.channels) > most:
+            raise ValueError(
+                f"channels has {len(self.channels)} conv blocks; at most {most} fit a "
+                f"{self.image_size}x{self.image_size} image (each halves it)"
+            )
+        return self
+
+
+class ResNetConfig(ArchConfig):
+    """A CIFAR ResNet (``vitlab.models.resnet.ResNet``; He et al., 2016, section 4.2)."""
+
+    widths: Widths = Field((16, 32, 64), description="resnet: channels of each stage")
+    blocks: Widths = Field((3, 3, 3), description="resnet: BasicBlocks per stage (3, 3, 3: ResNet-20)")
+
+    @model_validator(mode="after")
+    def _one_block_count_per_stage(self) -> ResNetConfig:
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(
+                f"widths has {len(self.widths)} stages but blocks {len(self.blocks)}: "
+                "give one block count per stage"
+            )
+        return self
+
+
+class MLPConfig(ArchConfig):
+    """The MLP floor (``vitlab.models.mlp.MLP``) on the flattened pixels."""
+
+    hidden: Widths = Field((512, 256), description="mlp: hidden layer widths")
+
+
+CONFIGS: dict[str, type[ArchConfig]] = {
+    "vit": ViTConfig,
+    "cnn": CNNConfig,
+    "resnet": ResNetConfig,
+    "mlp": MLPConfig,
+}
+FROM_DATA = ("num_classes", "image_size", "in_channels")  # set from the dataset, not from params.yaml
 
 
 class DataParams(Section):
@@ -116,95 +228,91 @@ class ValidateParams(Section):
         return self
 
 
-class ModelParams(Section):
-    """The model: a preset, or an architecture and its keys. A null key is unset: it takes the preset's value,
-    else its default. After validation every key holds the value the model is built with."""
+class _ModelSection(Section):
+    """The model section: an architecture (``name``) or a ``preset``, and every architecture's keys (below).
+
+    params.yaml spells out the default run: the tinyvit preset's values. A preset starts from its own values:
+    a key still at the default run's value (or null, or absent) takes the preset's, and a key changed from it
+    overrides the preset, so ``-S model.preset=vit-c100 -S model.depth=8`` trains vit-c100 with 8 blocks.
+    ``-S model.name=resnet`` beside the default preset trains the named architecture with its own keys (as
+    ``model.preset: null`` does). After validation every key holds the value the model is built with.
+    """
 
     preset: str | None = Field(
-        None, description="a named architecture (vitlab.presets); keys set beside it override it"
+        "tinyvit", description="a named architecture (vitlab.presets); keys changed beside it override it"
     )
-    name: ModelName = "vit"
-    # ViT
-    patch_size: int = Field(4, gt=0)
-    dim: int = Field(64, gt=0)
-    depth: int = Field(6, gt=0)
-    heads: int = Field(4, gt=0)
-    head_dim: int | None = Field(None, gt=0, description="per-head width; default dim // heads")
-    mlp_dim: int = Field(128, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    stem: Literal["patch", "conv"] = Field("patch", description="conv: CCT's convolutional tokenizer")
-    pool: Literal["cls", "mean"] = Field("cls", description="mean: global average pooling, no CLS token")
-    pos_embed: Literal["learned", "sincos"] = Field("learned", description="sincos: fixed 2D sin-cos")
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block")
-    # CNN, ResNet and MLP baselines
-    cnn_channels: tuple[PositiveInt, ...] = Field((16, 32), min_length=1)
-    resnet_widths: tuple[PositiveInt, ...] = Field((16, 32, 64), min_length=1)
-    resnet_blocks: tuple[PositiveInt, ...] = Field((3, 3, 3), min_length=1)
-    mlp_hidden: tuple[PositiveInt, ...] = Field((512, 256), min_length=1)
+    name: Literal[tuple(CONFIGS)] = "vit"  # type: ignore[valid-type]
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
+        default_preset, default_name = cls.model_fields["preset"].default, cls.model_fields["name"].default
+        name = raw.get("preset", default_preset)  # null: no preset
         given = {key: value for key, value in raw.items() if value is not None}
-        if "preset" not in given:
-            return given
-        name = given["preset"]
+        if name == default_preset and given.get("name", default_name) != default_name:
+            name = None  # `-S model.name=resnet` beside the default run's preset: the named architecture
+        if name is None:
+            return given | {"preset": None}
         if name not in PRESETS:
             raise ValueError(f"model.preset: got {name!r}; known presets: {', '.join(PRESETS)}")
         preset = PRESETS[name]
-        if given.get("name", preset.arch) != preset.arch:
+        if given.get("name", preset.arch) not in (preset.arch, default_name):
             raise ValueError(
                 f"model.name={given['name']} contradicts model.preset={name} (a {preset.arch}); "
-                "leave model.name null when a preset is set"
+                "set model.preset to null to choose the architecture by model.name"
             )
-        keys = ARCH_PARAMS[preset.arch]
-        return {"name": preset.arch} | {keys[k]: v for k, v in preset.config.items()} | given
+        changed = {key: value for key, value in given.items() if not _is_default(cls, key, value)}
+        return given | {"name": preset.arch} | preset.config | changed
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> ModelParams:
+    def _check_architecture(self) -> _ModelSection:
         """Only the keys the architecture reads: a resnet preset does not care about a stray model.dim."""
-        if self.name == "vit":
-            self._check_vit()
-        if self.name == "cnn" and len(self.cnn_channels) > 5:
-            raise ValueError("model.cnn_channels: at most 5 conv blocks fit a 32x32 image (each halves it)")
-        if self.name == "resnet" and len(self.resnet_widths) != len(self.resnet_blocks):
-            raise ValueError(
-                f"model.resnet_widths has {len(self.resnet_widths)} stages but model.resnet_blocks "
-                f"{len(self.resnet_blocks)}: give one block count per stage"
-            )
+        try:
+            self.config()
+        except ValidationError as error:
+            keys = "|".join(CONFIGS[self.name].model_fields)
+            messages = [e["msg"].removeprefix("Value error, ") for e in error.errors()]
+            named = [re.sub(rf"\b({keys})(=| has )", r"model.\1\2", m) for m in messages]
+            raise ValueError("; ".join(named)) from None
         return self
 
-    def arch_config(self, num_classes: int) -> dict[str, Any]:
-        """The config dict of architecture ``self.name`` (``vitlab.models.build_model``'s second argument)."""
-        keys = ARCH_PARAMS[self.name]
-        return {"num_classes": num_classes} | {key: getattr(self, name) for key, name in keys.items()}
+    def config(self, num_classes: int = 10) -> ArchConfig:
+        """The config of architecture ``name`` from this section's keys, for ``num_classes`` classes."""
+        config = CONFIGS[self.name]
+        keys = [key for key in config.model_fields if key not in FROM_DATA]
+        return config(num_classes=num_classes, **{key: getattr(self, key) for key in keys})
 
-    def _check_vit(self) -> None:
-        if IMAGE_SIZE % self.patch_size:
-            allowed = [p for p in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % p == 0]
-            raise ValueError(
-                f"model.patch_size={self.patch_size} does not divide the image size {IMAGE_SIZE} "
-                f"(allowed: {', '.join(map(str, allowed))})"
-            )
-        if self.head_dim is None and self.dim % self.heads:
-            raise ValueError(
-                f"model.heads={self.heads} does not divide model.dim={self.dim}; "
-                "choose heads that divide dim or set model.head_dim"
-            )
-        if self.stem == "conv" and self.patch_size < 2:
-            raise ValueError("model.stem=conv halves the image per conv stage: model.patch_size must be >= 2")
-        if self.pos_embed == "sincos" and self.dim % 4:
-            raise ValueError(f"model.pos_embed=sincos needs model.dim divisible by 4 (got {self.dim})")
+
+def _is_default(section: type[BaseModel], key: str, value: Any) -> bool:
+    field = section.model_fields.get(key)
+    if field is None:
+        return False
+    return (tuple(value) if isinstance(value, list) else value) == field.default
+
+
+# Flat, so that `-S model.patch_size=2` addresses a key: every architecture's keys, each defined once in its
+# config above (dropout, which all four read, is one key).
+ModelParams = create_model(
+    "ModelParams",
+    __base__=_ModelSection,
+    __doc__=_ModelSection.__doc__,
+    **{
+        key: (field.annotation, field)
+        for config in CONFIGS.values()
+        for key, field in config.model_fields.items()
+        if key not in FROM_DATA
+    },
+)
 
 
 class TrainParams(Section):
-    epochs: int = Field(30, gt=0)
-    batch_size: int = Field(128, gt=0)
-    learning_rate: float = Field(1e-3, gt=0.0)
+    epochs: int = Field(40, gt=0)
+    batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
+    learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
-    warmup_epochs: float = Field(2.0, ge=0.0)
+    warmup_epochs: float = Field(3.0, ge=0.0, description="linear warmup, then cosine decay to 0")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     crop_padding: int = Field(4, ge=0, le=16)
     flip: bool = True

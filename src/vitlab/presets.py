@@ -1,8 +1,8 @@
 """Named architectures (``model.preset`` in params.yaml): the models users of the seed repositories know.
 
-Each preset is an architecture and the config keys it fixes; every other key keeps its dataclass default,
-and any key can be overridden (``preset_spec(name, dim=128)``, or ``model.dim: 128`` beside the preset). The
-number of classes comes from the dataset, so no preset fixes it.
+Each preset is an architecture and the config keys it fixes (vitlab.params: ViTConfig ...); every other key
+keeps its default, and any key can be overridden (``preset_config(name, dim=128)``, or ``model.dim: 128``
+beside the preset in params.yaml). The number of classes comes from the dataset, so no preset fixes it.
 """
 
 from __future__ import annotations

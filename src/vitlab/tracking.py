@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, one_line
 
 MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
 """The values W&B accepts for its mode (wandb 0.31's ``Settings.mode``); vitlab reads them in any case."""
@@ -203,7 +203,8 @@ def _switch_off_wandb_telemetry() -> None:
 
 
 class Tracker:
-    """A thin wrapper over one W&B run; every method is a no-op once tracking is off or has failed.
+    """A thin wrapper over one W&B run; every method is a no-op once tracking is off or has failed. As a
+    context manager it finishes the run on the way out, also on an error.
 
     Raises:
         VitlabError: from ``resolve_mode`` (a W&B setting vitlab cannot honour); W&B's own failures are
@@ -295,6 +296,12 @@ class Tracker:
         """Set the run's final metrics; a W&B failure is one warning and turns tracking off."""
         self._call(lambda: self.run.summary.update(metrics))
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish()
+
     def finish(self) -> None:
         """End the run (an offline one stays under ./wandb for ``wandb sync``); no-op when tracking is off."""
         self._call(self.run.finish if self.run else lambda: None)
@@ -311,5 +318,4 @@ class Tracker:
 
     @staticmethod
     def _warn(error: Exception, outcome: str = "tracking is off for this run") -> None:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"W&B: {message}; {outcome}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"W&B: {one_line(error)}; {outcome}", RuntimeWarning, stacklevel=3)

@@ -45,42 +45,47 @@ from tqdm import tqdm
 from vitlab.checkpoint import UNREADABLE, Normalization, save_torch
 from vitlab.data.augment import BatchAugment
 from vitlab.data.prepared import Split
-from vitlab.device import select_device
+from vitlab.device import hardware_description, select_device
 from vitlab.distributed import World, process_group
 from vitlab.errors import VitlabError
 from vitlab.evaluate import predict_logits
-from vitlab.models import model_spec
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128  # global: a DDP run gives each of its processes an equal share
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
-    crop_padding: int = 4
-    flip: bool = True
-    augment: str = "none"  # none | randaugment | autoaugment (vitlab.data.augment.POLICIES)
-    mixup_alpha: float = 0.0  # 0: off
-    cutmix_alpha: float = 0.0  # 0: off; both on: one of the two per batch
-    random_erasing: float = 0.0  # probability per image
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere: bf16 measured slower on CPU) | bf16 | off
-    compile: bool = False
-    time_budget_s: float | None = None  # stop after this many seconds; the schedule follows the time
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = True  # continue from a state file of this same run; the result is the same either way
+from vitlab.models import describe_model
+from vitlab.params import TrainParams
 
 
 @dataclass
 class TrainResult:
-    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    """What ``train`` measured: one history row per epoch, the epoch whose weights were kept, the wall time
+    in seconds (earlier sessions of a resumed run included) and the device it ran on."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
-    best_val_accuracy: float = float("nan")
+    best_val_accuracy: float = float("nan")  # NaN without a validation split
     wall_time_s: float = 0.0
     device: str = "cpu"
+
+    def metrics(self, num_parameters: int, train_images: int) -> dict[str, Any]:
+        """reports/train/metrics.json. best_val_accuracy is null without a validation split (not NaN, which
+        strict JSON readers refuse); images_per_s is the mean over the epochs."""
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": None if math.isnan(self.best_val_accuracy) else self.best_val_accuracy,
+            "final_train_accuracy": self.history[-1]["train_accuracy"],
+            "num_parameters": num_parameters,
+            "train_images": train_images,
+            "wall_time_s": round(self.wall_time_s, 1),
+            "images_per_s": round(float(np.mean([row["images_per_s"] for row in self.history])), 1),
+            "device": self.device,
+            "hardware": hardware_description(self.device),
+        }
+
+    def __str__(self) -> str:
+        kept = (
+            f"no validation split: the last epoch ({self.best_epoch}) kept"
+            if math.isnan(self.best_val_accuracy)
+            else f"best val accuracy {self.best_val_accuracy:.4f} at epoch {self.best_epoch}"
+        )
+        return f"{kept}; {self.wall_time_s:.0f} s"
 
 
 def split_train_val(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:
@@ -121,11 +126,12 @@ def _quiet() -> bool:
 
 
 class _Clock:
-    """Seconds of training so far, earlier sessions of a resumed run included. Under DDP every process reads
-    rank 0's clock, so that all of them stop at the same step and set the same learning rate."""
+    """Seconds of training so far, earlier sessions of a resumed run included, and the time budget. Under DDP
+    every process reads rank 0's clock, so that all of them stop at the same step and set the same learning
+    rate."""
 
-    def __init__(self, world: World):
-        self.world = world
+    def __init__(self, world: World, params: TrainParams):
+        self.world, self.epochs, self.budget_s = world, params.epochs, params.time_budget_s
         self.earlier_s = self.elapsed_s = 0.0
         self._start = time.perf_counter()
 
@@ -136,13 +142,22 @@ class _Clock:
         self.elapsed_s = self.world.broadcast(self.earlier_s + time.perf_counter() - self._start)
         return self.elapsed_s
 
+    def out_of_time(self) -> bool:
+        return self.budget_s is not None and self.tick() >= self.budget_s
 
-def _lr_factor(cfg: TrainConfig, steps_per_epoch: int, clock: _Clock) -> Callable[[int], float]:
+    def progress(self, epoch: int) -> str:
+        """Where the run stands: by epochs, or by seconds when a time budget schedules it."""
+        if self.budget_s is None:
+            return f"epoch {epoch}/{self.epochs}"
+        return f"epoch {epoch} ({self.elapsed_s:.0f}/{self.budget_s:.0f} s)"
+
+
+def _lr_factor(params: TrainParams, steps_per_epoch: int, clock: _Clock) -> Callable[[int], float]:
     """The schedule over steps, or with a time budget over milliseconds spent (warmup: the same share)."""
-    if cfg.time_budget_s is None:
-        return warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    budget_ms = round(cfg.time_budget_s * 1000)
-    by_time = warmup_cosine(round(cfg.warmup_epochs / cfg.epochs * budget_ms), budget_ms)
+    if params.time_budget_s is None:
+        return warmup_cosine(round(params.warmup_epochs * steps_per_epoch), params.epochs * steps_per_epoch)
+    budget_ms = round(params.time_budget_s * 1000)
+    by_time = warmup_cosine(round(params.warmup_epochs / params.epochs * budget_ms), budget_ms)
     return lambda _step: by_time(int(clock.elapsed_s * 1000))
 
 
@@ -151,18 +166,20 @@ def train(
     train_split: Split,
     val_split: Split | None,
     norm: Normalization,
-    cfg: TrainConfig,
+    params: TrainParams,
     on_epoch: Callable[[dict[str, float]], Any] | None = None,
     state_path: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; at the end it holds the weights of the best validation epoch.
+    """Train ``model`` in place with ``params`` (params.yaml's train section); at the end it holds the
+    weights of the best validation epoch (the last epoch's without ``val_split``).
 
-    ``on_epoch`` receives each epoch's row (epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy,
-    images_per_s) as soon as it is measured, for trackers and live plots; a resumed run reports only the
-    epochs it trains.
+    ``train_split``/``val_split`` hold uint8 (N, 32, 32, 3) images and int64 labels; ``norm`` normalizes
+    them. ``on_epoch`` receives each epoch's row (epoch, lr, train_loss, train_accuracy, val_loss,
+    val_accuracy, images_per_s, images) as soon as it is measured; a resumed run reports only the epochs it
+    trains.
 
     With ``state_path`` the training state is written there atomically after every epoch (loadable with
-    ``torch.load(weights_only=True)``). If ``cfg.resume`` is on and the file holds a state of this same run
+    ``torch.load(weights_only=True)``). If ``params.resume`` is on and the file holds a state of this same run
     (``run_digest``), training continues after its last epoch; any other file is ignored and overwritten.
     The file is left in place: the caller deletes it once the final outputs are saved.
 
@@ -174,220 +191,179 @@ def train(
     step and the params to change, before that epoch's state is saved (an earlier epoch's stays: only a run
     with the very same params resumes from it, and would diverge again).
     """
-    with process_group(select_device(cfg.device)) as world:
-        return _train(model, train_split, val_split, norm, cfg, world, on_epoch, state_path)
-
-
-def _train(
-    model: nn.Module,
-    train_split: Split,
-    val_split: Split | None,
-    norm: Normalization,
-    cfg: TrainConfig,
-    world: World,
-    on_epoch: Callable[[dict[str, float]], Any] | None,
-    state_path: str | Path | None,
-) -> TrainResult:
-    if cfg.batch_size % world.size:
-        raise VitlabError(
-            f"train.batch_size={cfg.batch_size} must be a multiple of the {world.size} training processes"
-        )
-    torch.manual_seed(cfg.seed + world.rank)  # dropout masks differ from one process to the next
-    digest = (
-        run_digest(model, train_split, val_split, norm, cfg, world.size) if state_path is not None else ""
-    )
-    run = _Run(model, train_split, norm, cfg, world)
-    result = TrainResult(device=str(world.device))
-    best_state = None
-    first_epoch, earlier_s = 1, 0.0
-    state = _load_state(Path(state_path), digest, cfg, world) if state_path is not None else None
-    if state is not None:
-        run.restore(state)
-        result.history, best_state = state["history"], state["best_model"]
-        result.best_epoch, result.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
-        first_epoch, earlier_s = state["epoch"] + 1, state["wall_time_s"]
-    run.start(earlier_s)
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        row = run.train_epoch(epoch)
-        if val_split is not None:
-            val_logits = predict_logits(model, val_split.images, norm, 512, world.device)
-            val_labels = torch.as_tensor(val_split.labels)
-            row["val_loss"] = F.cross_entropy(val_logits, val_labels).item()
-            row["val_accuracy"] = (val_logits.argmax(1) == val_labels).float().mean().item()
-        # Without a validation split the last epoch is kept.
-        if val_split is None or best_state is None or row["val_accuracy"] > result.best_val_accuracy:
-            result.best_epoch, result.best_val_accuracy = epoch, row.get("val_accuracy", float("nan"))
-            best_state = copy.deepcopy(model.state_dict())
-        result.history.append(row)
-        if state_path is not None:
-            progress = {
-                "digest": digest,
-                "epoch": epoch,
-                "history": result.history,
-                "best_epoch": result.best_epoch,
-                "best_val_accuracy": result.best_val_accuracy,
-                "best_model": _on_cpu(best_state),
-            }
-            run.save_state(state_path, progress)
-        if world.is_main:
-            if on_epoch is not None:
-                on_epoch(row)
-            print(_epoch_line(row, _progress(epoch, cfg, run.clock.elapsed_s)), file=sys.stderr, flush=True)
-        if run.out_of_time():
-            break
-    result.wall_time_s = run.clock.tick()
-    model.load_state_dict(best_state)
-    return result
-
-
-class _Run:
-    """The moving parts of one run on one process: data on the device, augmentation, model (wrapped for DDP
-    and compiled as asked), optimizer, schedule and random generators."""
-
-    def __init__(
-        self, model: nn.Module, train_split: Split, norm: Normalization, cfg: TrainConfig, world: World
-    ):
-        self.model, self.cfg, self.world, device = model, cfg, world, world.device
+    with process_group(select_device(params.device)) as world:
+        device = world.device
+        if params.batch_size % world.size:
+            raise VitlabError(
+                f"train.batch_size={params.batch_size} must be a multiple of the {world.size} training "
+                "processes"
+            )
+        torch.manual_seed(params.seed + world.rank)  # dropout masks differ from one process to the next
+        digest = run_digest(model, train_split, val_split, norm, params, world.size) if state_path else ""
         _speed_up(device)
-        self.generator = torch.Generator().manual_seed(cfg.seed + world.rank)  # augmentation, per process
-        self.channels_last = uses_channels_last(model)
+        generator = torch.Generator().manual_seed(params.seed + world.rank)  # augmentation, per process
+        channels_last = uses_channels_last(model)
         model.to(device)
-        if self.channels_last:
+        if channels_last:
             model.to(memory_format=torch.channels_last)
-        self.images = torch.as_tensor(train_split.images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8
-        self.labels = torch.as_tensor(train_split.labels).to(device)
-        self.sampler = world.sampler(len(self.labels), cfg.seed)
-        self.local_batch = cfg.batch_size // world.size
-        self.steps_per_epoch = math.ceil(len(self.sampler) / self.local_batch)
-        mixing = cfg.mixup_alpha or cfg.cutmix_alpha
-        self.augment = BatchAugment(
+        images = torch.as_tensor(train_split.images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 NCHW
+        labels = torch.as_tensor(train_split.labels).to(device)
+        sampler = world.sampler(len(labels), params.seed)
+        local_batch = params.batch_size // world.size
+        steps_per_epoch = math.ceil(len(sampler) / local_batch)
+        mixing = params.mixup_alpha or params.cutmix_alpha
+        augment = BatchAugment(
             norm,
-            model_spec(model)["config"]["num_classes"] if mixing else 0,
-            cfg.augment,
-            cfg.crop_padding,
-            cfg.flip,
-            cfg.random_erasing,
-            cfg.mixup_alpha,
-            cfg.cutmix_alpha,
+            describe_model(model)["config"]["num_classes"] if mixing else 0,
+            params.augment,
+            params.crop_padding,
+            params.flip,
+            params.random_erasing,
+            params.mixup_alpha,
+            params.cutmix_alpha,
         )
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
         )
-        self.clock = _Clock(world)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_factor(cfg, self.steps_per_epoch, self.clock)
-        )
-        self.net = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.watch = _Watch(world)
+        clock = _Clock(world, params)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(params, steps_per_epoch, clock))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        watch = _Watch(world, params, steps_per_epoch)
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"][self.world.rank], self.generator, self.world.device)
+        result, best_state, first_epoch = TrainResult(device=str(device)), None, 1
+        state = _load_state(Path(state_path), digest, params, world) if state_path else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_states(state["rng"][world.rank], generator, device)
+            result.history, best_state = state["history"], state["best_model"]
+            result.best_epoch, result.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
+            first_epoch = state["epoch"] + 1
+        net = world.wrap(model)  # DDP starts by copying rank 0's (restored) weights to every process
+        if params.compile:
+            net = torch.compile(net)
+        clock.start(state["wall_time_s"] if state is not None else 0.0)
 
-    def start(self, earlier_s: float) -> None:
-        """Wrap the (restored) model for DDP, which starts by copying rank 0's weights everywhere; compile."""
-        self.net = self.world.wrap(self.model)
-        if self.cfg.compile:
-            self.net = torch.compile(self.net)
-        self.clock.start(earlier_s)
-
-    def out_of_time(self) -> bool:
-        return self.cfg.time_budget_s is not None and self.clock.tick() >= self.cfg.time_budget_s
-
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over this process's share of the data (less if the time budget ends it): its row."""
-        cfg, world, device = self.cfg, self.world, self.world.device
-        self.sampler.set_epoch(epoch)
-        order = torch.as_tensor(list(self.sampler), device=device)
-        self.net.train()
-        start = time.perf_counter()
-        totals = torch.zeros(2, device=device)  # loss sum, correct predictions: this process's
-        seen = 0  # images, the same number in every process
-        with tqdm(
-            range(self.steps_per_epoch),
-            desc=_progress(epoch, cfg, self.clock.elapsed_s),
-            leave=False,
-            disable=_quiet() or not world.is_main,
-        ) as bar:
-            for step in bar:
-                if step > 0 and self.out_of_time():
+        for epoch in range(first_epoch, params.epochs + 1):
+            sampler.set_epoch(epoch)
+            order = torch.as_tensor(list(sampler), device=device)
+            net.train()
+            start = time.perf_counter()
+            totals = torch.zeros(2, device=device)  # this process's loss sum and correct predictions
+            seen = 0  # images, the same number in every process
+            bar = tqdm(
+                desc=clock.progress(epoch),
+                total=steps_per_epoch,
+                leave=False,
+                disable=_quiet() or not world.is_main,
+            )
+            for step in range(steps_per_epoch):
+                if step > 0 and clock.out_of_time():
                     break
-                idx = order[step * self.local_batch : (step + 1) * self.local_batch]
-                y = self.labels[idx]
-                x, targets = self.augment(self.images.index_select(0, idx), y, self.generator)
-                if self.channels_last:
+                idx = order[step * local_batch : (step + 1) * local_batch]
+                y = labels[idx]
+                x, targets = augment(images.index_select(0, idx), y, generator)
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(cfg.amp, device):
-                    logits = self.net(x)
-                    loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-                self.optimizer.zero_grad(set_to_none=True)
+                with _autocast(params.amp, device):
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, targets, label_smoothing=params.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self.watch.record(step, loss.detach(), _grad_norm(self.params))
-                self.optimizer.step()
-                self.scheduler.step()
+                watch.record(step, loss.detach(), _grad_norm(trainable))
+                optimizer.step()
+                scheduler.step()
                 totals += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
                 seen += len(y)
-                if self.watch.due():
-                    self._stop_if_diverged(epoch)
+                if watch.due():
+                    watch.stop_if_diverged(epoch, clock)
                 if not bar.disable:  # reading the loss waits for the device: only for a visible bar
+                    img_s = seen * world.size / (time.perf_counter() - start)
                     bar.set_postfix(
                         loss=f"{loss.item():.3f}",
-                        lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                        img_s=f"{seen * world.size / (time.perf_counter() - start):.0f}",
+                        lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        img_s=f"{img_s:.0f}",
                     )
+                    bar.update()
+            bar.close()
             # The weights too: the last step's update can overflow them with a finite loss and gradient.
-            self._stop_if_diverged(epoch, self.params)
-        loss_sum, correct = world.sum(totals).tolist()
-        seen *= world.size
-        return {
-            "epoch": epoch,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "images_per_s": seen / (time.perf_counter() - start),
-            "images": seen,  # fewer than the split in an epoch cut short by the time budget
-        }
+            watch.stop_if_diverged(epoch, clock, trainable)
 
-    def _stop_if_diverged(self, epoch: int, weights: list[torch.Tensor] | None = None) -> None:
-        """Raise VitlabError on every process if any saw a non-finite loss, gradient norm or weight."""
-        found = self.watch.divergence(weights)
-        if found is None:
-            return
-        cfg = self.cfg
-        what = f"loss {found.loss:.3g}, gradient norm {found.grad_norm:.3g}"
-        if found.weights:
-            what = f"weights not finite after it; {what}"
-        params = [
-            f"lower train.learning_rate (now {cfg.learning_rate:g})",
-            f"raise train.warmup_epochs (now {cfg.warmup_epochs:g})",
-        ]
-        if _uses_bf16(cfg.amp, self.world.device):
-            params.append(f"set train.amp to off (now {'bf16' if cfg.amp == 'bf16' else 'auto: bf16 here'})")
-        raise VitlabError(
-            f"training diverged at {_progress(epoch, cfg, self.clock.elapsed_s)}, "
-            f"step {found.step + 1}/{self.steps_per_epoch} ({what}): {', '.join(params)} or check the data; "
-            "the same params would diverge again"
+            loss_sum, correct = world.sum(totals).tolist()
+            seen *= world.size
+            row = {
+                "epoch": epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / seen,
+                "train_accuracy": correct / seen,
+                "images_per_s": seen / (time.perf_counter() - start),
+                "images": seen,  # fewer than the split in an epoch cut short by the time budget
+            }
+            if val_split is not None:
+                row |= _validate(model, val_split, norm, device)
+            if val_split is None or best_state is None or row["val_accuracy"] > result.best_val_accuracy:
+                result.best_epoch, result.best_val_accuracy = epoch, row.get("val_accuracy", float("nan"))
+                best_state = copy.deepcopy(model.state_dict())
+            result.history.append(row)
+            if state_path:
+                progress = {
+                    "digest": digest,
+                    "epoch": epoch,
+                    "history": result.history,
+                    "best_epoch": result.best_epoch,
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "best_model": _on_cpu(best_state),
+                }
+                _save_state(state_path, progress, model, optimizer, scheduler, generator, clock, world)
+            if world.is_main:
+                if on_epoch is not None:
+                    on_epoch(row)
+                print(_epoch_line(row, clock.progress(epoch)), file=sys.stderr, flush=True)
+            if clock.out_of_time():
+                break
+        result.wall_time_s = clock.tick()
+        model.load_state_dict(best_state)
+        return result
+
+
+def _validate(
+    model: nn.Module, val_split: Split, norm: Normalization, device: torch.device
+) -> dict[str, float]:
+    """val_loss and val_accuracy of ``model`` on the held-out split."""
+    logits = predict_logits(model, val_split.images, norm, 512, device)
+    labels = torch.as_tensor(val_split.labels)
+    return {
+        "val_loss": F.cross_entropy(logits, labels).item(),
+        "val_accuracy": (logits.argmax(1) == labels).float().mean().item(),
+    }
+
+
+def _save_state(
+    path: str | Path,
+    progress: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    clock: _Clock,
+    world: World,
+) -> None:
+    """Rank 0 writes ``progress`` with the weights, optimizer, schedule and every process's generators."""
+    rng = world.gather(_rng_states(generator, world.device))  # a collective: every process takes part
+    elapsed_s = clock.tick()
+    if world.is_main:
+        save_torch(
+            path,
+            progress
+            | {
+                "wall_time_s": elapsed_s,
+                "model": _on_cpu(model.state_dict()),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng,
+            },
         )
-
-    def save_state(self, path: str | Path, progress: dict[str, Any]) -> None:
-        """Rank 0 writes ``progress`` with the weights, optimizer, schedule and every process's generators."""
-        rng = self.world.gather(_rng_states(self.generator, self.world.device))  # collectives: all take part
-        elapsed_s = self.clock.tick()
-        if self.world.is_main:
-            save_torch(
-                path,
-                progress
-                | {
-                    "wall_time_s": elapsed_s,
-                    "model": _on_cpu(self.model.state_dict()),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": rng,
-                },
-            )
 
 
 # Steps the divergence check lets pass between two reads: reading waits for the device, which costs a CPU
@@ -409,8 +385,8 @@ class _Watch:
     reads them, every ``every`` steps and at the end of an epoch. Under DDP every process takes part in each
     read, so that all of them stop at the same step and none waits in a collective another has left."""
 
-    def __init__(self, world: World):
-        self.world = world
+    def __init__(self, world: World, params: TrainParams, steps_per_epoch: int):
+        self.world, self.params, self.steps_per_epoch = world, params, steps_per_epoch
         self.every = _CHECK_EVERY.get(world.device.type, _CHECK_EVERY_ELSEWHERE)
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
@@ -424,6 +400,28 @@ class _Watch:
 
     def due(self) -> bool:
         return len(self.steps) >= self.every
+
+    def stop_if_diverged(self, epoch: int, clock: _Clock, weights: list[torch.Tensor] | None = None) -> None:
+        """Raise VitlabError on every process if any saw a non-finite loss, gradient norm or weight."""
+        found = self.divergence(weights)
+        if found is None:
+            return
+        params = self.params
+        what = f"loss {found.loss:.3g}, gradient norm {found.grad_norm:.3g}"
+        if found.weights:
+            what = f"weights not finite after it; {what}"
+        advice = [
+            f"lower train.learning_rate (now {params.learning_rate:g})",
+            f"raise train.warmup_epochs (now {params.warmup_epochs:g})",
+        ]
+        if _uses_bf16(params.amp, self.world.device):
+            advice.append(
+                f"set train.amp to off (now {'bf16' if params.amp == 'bf16' else 'auto: bf16 here'})"
+            )
+        raise VitlabError(
+            f"training diverged at {clock.progress(epoch)}, step {found.step + 1}/{self.steps_per_epoch} "
+            f"({what}): {', '.join(advice)} or check the data; the same params would diverge again"
+        )
 
     def divergence(self, weights: list[torch.Tensor] | None = None) -> _Diverged | None:
         """The earliest non-finite step recorded since the last read on any process, else non-finite
@@ -482,13 +480,15 @@ def run_digest(
     train_split: Split,
     val_split: Split | None,
     norm: Normalization,
-    cfg: TrainConfig,
+    params: TrainParams,
     world_size: int = 1,
 ) -> str:
     """A fingerprint of everything a run's result depends on: architecture, starting weights, data, config
     and the number of processes (each has its own random streams)."""
-    config = {k: v for k, v in asdict(cfg).items() if k != "resume"} | {"world_size": world_size}
-    digest = hashlib.sha256(json.dumps([model_spec(model), config, asdict(norm)], sort_keys=True).encode())
+    config = params.model_dump(exclude={"resume"}) | {"world_size": world_size}
+    digest = hashlib.sha256(
+        json.dumps([describe_model(model), config, asdict(norm)], sort_keys=True).encode()
+    )
     arrays = [t.detach().cpu().contiguous().numpy() for t in model.state_dict().values()]
     for split in (train_split, val_split):
         if split is not None:
@@ -499,11 +499,11 @@ def run_digest(
     return digest.hexdigest()
 
 
-def _load_state(path: Path, digest: str, cfg: TrainConfig, world: World) -> dict[str, Any] | None:
+def _load_state(path: Path, digest: str, params: TrainParams, world: World) -> dict[str, Any] | None:
     """The state saved at ``path`` if training should continue from it, else None (saying why on stderr)."""
     if not path.is_file():
         return None
-    if not cfg.resume:
+    if not params.resume:
         return _fresh(f"train.resume is off: starting fresh (replacing {path})", world)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -514,7 +514,9 @@ def _load_state(path: Path, digest: str, cfg: TrainConfig, world: World) -> dict
             f"{path}: state of another run (model, data or train params differ); starting fresh", world
         )
     if world.is_main:
-        print(f"resuming from {path} after epoch {state['epoch']}/{cfg.epochs}", file=sys.stderr, flush=True)
+        print(
+            f"resuming from {path} after epoch {state['epoch']}/{params.epochs}", file=sys.stderr, flush=True
+        )
     return state
 
 
@@ -543,13 +545,6 @@ def _set_rng_states(
     generator.set_state(states["generator"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def _progress(epoch: int, cfg: TrainConfig, elapsed_s: float) -> str:
-    """Where the run stands: by epochs, or by seconds when a time budget schedules it."""
-    if cfg.time_budget_s is None:
-        return f"epoch {epoch}/{cfg.epochs}"
-    return f"epoch {epoch} ({elapsed_s:.0f}/{cfg.time_budget_s:.0f} s)"
 
 
 def _epoch_line(row: dict[str, float], progress: str) -> str:

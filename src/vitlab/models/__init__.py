@@ -1,71 +1,89 @@
-"""Model registry: build any architecture from its name and a plain dict of its config.
+"""Model registry: build any architecture from its name and its config (vitlab.params: ViTConfig ...).
 
-Checkpoints store ``{"arch": name, "config": asdict(cfg)}`` beside the weights, so a checkpoint rebuilds its
-own model without params.yaml. Named configurations live in ``vitlab.presets`` (plain data, which params
-validation reads without importing torch).
+Checkpoints store ``describe_model(model)``, ``{"arch": name, "config": dict}``, beside the weights, so a
+checkpoint rebuilds its own model without params.yaml. Named configs live in ``vitlab.presets`` (plain
+data, which params validation reads without importing torch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+from pydantic import ValidationError
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.models.cnn import CNN, CNNConfig
-from vitlab.models.mlp import MLP, MLPConfig
-from vitlab.models.resnet import ResNet, ResNetConfig
-from vitlab.models.vit import ViT, ViTConfig
+from vitlab.models.cnn import CNN
+from vitlab.models.mlp import MLP
+from vitlab.models.resnet import ResNet
+from vitlab.models.vit import ViT
+from vitlab.params import CONFIGS, ArchConfig
 from vitlab.presets import PRESETS, Preset
 
-ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
-    "vit": (ViTConfig, ViT),
-    "cnn": (CNNConfig, CNN),
-    "resnet": (ResNetConfig, ResNet),
-    "mlp": (MLPConfig, MLP),
-}
+MODELS: dict[str, type[nn.Module]] = {"vit": ViT, "cnn": CNN, "resnet": ResNet, "mlp": MLP}
 
 __all__ = [
-    "ARCHITECTURES",
+    "MODELS",
     "PRESETS",
     "Preset",
     "build_model",
     "count_parameters",
-    "model_spec",
-    "preset_spec",
+    "describe_model",
+    "eval_mode",
+    "has_attention",
+    "preset_config",
 ]
 
 
-def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    config_cls, model_cls = ARCHITECTURES[_check_config(arch, config)]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return model_cls(config_cls(**values))
+def build_model(arch: str, config: ArchConfig | dict[str, Any]) -> nn.Module:
+    """A new model of architecture ``arch`` ("vit", "cnn", "resnet", "mlp") with ``config``: the
+    architecture's config, or a dict of its keys (a checkpoint's; missing keys take their defaults).
+
+    Raises VitlabError for an unknown architecture, an unknown key or an impossible config, naming it.
+    """
+    if arch not in MODELS:
+        raise VitlabError(f"unknown architecture {arch!r} (known: {', '.join(MODELS)})")
+    if isinstance(config, dict):
+        config = _validate(arch, config)
+    if not isinstance(config, CONFIGS[arch]):
+        raise VitlabError(f"a {arch} needs a {CONFIGS[arch].__name__}, got a {type(config).__name__}")
+    return MODELS[arch](config)
 
 
-def preset_spec(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
-    """The (arch, config) of a preset, with ``overrides`` replacing its values key by key."""
+def preset_config(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
+    """The architecture and config keys of preset ``name``, ``overrides`` replacing its values key by key."""
     if name not in PRESETS:
         raise VitlabError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     preset = PRESETS[name]
     config = preset.config | overrides
-    return _check_config(preset.arch, config), config
+    _validate(preset.arch, config)
+    return preset.arch, config
 
 
-def model_spec(model: nn.Module) -> dict[str, Any]:
-    """The {"arch", "config"} pair that ``build_model`` turns back into this model."""
-    for arch, (_, model_cls) in ARCHITECTURES.items():
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """The ``{"arch", "config"}`` pair (JSON-ready: lists, not tuples) that ``build_model`` turns back into
+    this model. Raises TypeError for a model that is not one of vitlab's architectures."""
+    for arch, model_cls in MODELS.items():
         if type(model) is model_cls:
-            return {
-                "arch": arch,
-                "config": {
-                    k: list(v) if isinstance(v, tuple) else v
-                    for k, v in dataclasses.asdict(model.cfg).items()
-                },
-            }
+            return {"arch": arch, "config": model.config.model_dump(mode="json")}
     raise TypeError(f"not a registered vitlab model: {type(model).__name__}")
+
+
+def _validate(arch: str, config: dict[str, Any]) -> ArchConfig:
+    """``config`` as architecture ``arch``'s config; a VitlabError naming every problem on one line."""
+    try:
+        return CONFIGS[arch](**config)
+    except ValidationError as error:
+        problems = []
+        for e in error.errors():
+            key = ".".join(map(str, e["loc"]))
+            message = (
+                "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            )
+            problems.append(f"{key}: {message}" if key else message)
+        raise VitlabError(f"{arch} config: {'; '.join(problems)}") from None
 
 
 @contextlib.contextmanager
@@ -87,14 +105,5 @@ def has_attention(model: nn.Module) -> bool:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of trainable parameters (every element of every tensor that requires grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _check_config(arch: str, config: dict[str, Any]) -> str:
-    if arch not in ARCHITECTURES:
-        raise VitlabError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
-    fields = {f.name for f in dataclasses.fields(ARCHITECTURES[arch][0])}
-    unknown = set(config) - fields
-    if unknown:
-        raise VitlabError(f"{arch} config has unknown keys: {', '.join(sorted(unknown))}")
-    return arch

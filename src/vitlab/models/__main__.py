@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vitlab.models import PRESETS, build_model, count_parameters, preset_spec
+from vitlab.models import PRESETS, build_model, count_parameters, preset_config
 
 
 def preset_table() -> str:
@@ -11,7 +11,7 @@ def preset_table() -> str:
         "| --- | --- | ---: | ---: |",
     ]
     for name, preset in PRESETS.items():
-        arch, config = preset_spec(name)
+        arch, config = preset_config(name)
         ten, hundred = (count_parameters(build_model(arch, config | {"num_classes": n})) for n in (10, 100))
         lines.append(f"| {name} | {arch}: {preset.description} | {ten:,} | {hundred:,} |")
     return "\n".join(lines)

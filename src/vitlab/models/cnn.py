@@ -6,34 +6,25 @@ ViTs against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class CNNConfig:
-    num_classes: int = 10
-    image_size: int = 32
-    in_channels: int = 3
-    channels: tuple[int, ...] = (16, 32)
-    dropout: float = 0.0
+from vitlab.params import CNNConfig
 
 
 class CNN(nn.Module):
-    def __init__(self, cfg: CNNConfig):
+    def __init__(self, config: CNNConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         layers: list[nn.Module] = []
-        width = cfg.in_channels
-        for out in cfg.channels:
+        width = config.in_channels
+        for out in config.channels:
             layers += [nn.Conv2d(width, out, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             width = out
         self.features = nn.Sequential(*layers)
-        side = cfg.image_size // 2 ** len(cfg.channels)
+        side = config.image_size // 2 ** len(config.channels)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(width * side * side, cfg.num_classes)
+            nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(width * side * side, config.num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class MLPConfig:
-    num_classes: int = 10
-    image_size: int = 32
-    in_channels: int = 3
-    hidden: tuple[int, ...] = (512, 256)
-    dropout: float = 0.0
+from vitlab.params import MLPConfig
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: MLPConfig):
+    def __init__(self, config: MLPConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         layers: list[nn.Module] = [nn.Flatten()]
-        width = cfg.in_channels * cfg.image_size**2
-        for out in cfg.hidden:
-            layers += [nn.Linear(width, out), nn.GELU(), nn.Dropout(cfg.dropout)]
+        width = config.in_channels * config.image_size**2
+        for out in config.hidden:
+            layers += [nn.Linear(width, out), nn.GELU(), nn.Dropout(config.dropout)]
             width = out
-        layers.append(nn.Linear(width, cfg.num_classes))
+        layers.append(nn.Linear(width, config.num_classes))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,50 +8,38 @@ global average pooling -> linear. The defaults, widths (16, 32, 64) with 3 block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from vitlab.compat import import_torchvision
-from vitlab.errors import VitlabError
-
-
-@dataclass(frozen=True)
-class ResNetConfig:
-    num_classes: int = 10
-    in_channels: int = 3
-    widths: tuple[int, ...] = (16, 32, 64)  # one stage per width
-    blocks: tuple[int, ...] = (3, 3, 3)  # BasicBlocks per stage: 6n+2 layers, n=3 is ResNet-20
-    dropout: float = 0.0  # before the linear head
-
-    def __post_init__(self) -> None:
-        if len(self.widths) != len(self.blocks) or not self.widths:
-            raise VitlabError(
-                f"resnet widths {list(self.widths)} and blocks {list(self.blocks)} need one entry per stage"
-            )
+from vitlab.params import ResNetConfig
 
 
 class ResNet(nn.Module):
-    def __init__(self, cfg: ResNetConfig):
+    def __init__(self, config: ResNetConfig):
         super().__init__()
         import_torchvision()
         from torchvision.models.resnet import BasicBlock
 
-        self.cfg = cfg
-        width = cfg.widths[0]
+        self.config = config
+        width = config.widths[0]
         self.stem = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)
+            nn.Conv2d(config.in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(True),
         )
         blocks: list[nn.Module] = []
-        for stage, (out, n) in enumerate(zip(cfg.widths, cfg.blocks, strict=True)):
+        for stage, (out, n) in enumerate(zip(config.widths, config.blocks, strict=True)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
                 blocks.append(BasicBlock(width, out, stride, _projection(width, out, stride)))
                 width = out
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(width, cfg.num_classes)
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(config.dropout),
+            nn.Linear(width, config.num_classes),
         )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

@@ -17,75 +17,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitlab.compat import import_torchvision
-from vitlab.errors import VitlabError
+from vitlab.params import ViTConfig
 
-STEMS = ("patch", "conv")
-POOLS = ("cls", "mean")
-POS_EMBEDS = ("learned", "sincos")
 CONV_STEM_WIDTH = 64  # CCT's in_planes: channels between its tokenizer's conv stages
 
 
-@dataclass(frozen=True)
-class ViTConfig:
-    num_classes: int = 10
-    image_size: int = 32
-    in_channels: int = 3
-    patch_size: int = 4  # the tokenizer's downsampling: each token covers patch_size x patch_size pixels
-    dim: int = 64
-    depth: int = 6
-    heads: int = 4
-    head_dim: int | None = None  # lucidrains' dim_head: lets heads not divide dim (e.g. 3 heads of 64)
-    mlp_dim: int = 128
-    dropout: float = 0.0
-    stem: str = "patch"  # "patch": a linear map per patch; "conv": log2(patch_size) conv-ReLU-maxpool stages
-    pool: str = "cls"  # "cls": the CLS token's output; "mean": the mean of the patch tokens' outputs
-    pos_embed: str = "learned"  # "learned" or "sincos" (fixed)
-    drop_path: float = 0.0  # stochastic depth rate of the last block; 0 at the first
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("stem", STEMS), ("pool", POOLS), ("pos_embed", POS_EMBEDS)):
-            if getattr(self, key) not in allowed:
-                raise VitlabError(f"vit {key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
-        if self.image_size % self.patch_size:
-            raise VitlabError(
-                f"vit patch_size={self.patch_size} does not divide image_size={self.image_size}"
-            )
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise VitlabError(f"vit stem='conv' needs a patch_size of 2, 4, 8, ... (got {self.patch_size})")
-        if self.pos_embed == "sincos" and self.dim % 4:
-            raise VitlabError(f"vit pos_embed='sincos' needs dim divisible by 4 (dim={self.dim})")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.heads * (self.head_dim or self.dim // self.heads)
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size  # tokens per side, for either stem
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches + (self.pool == "cls")
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, config: ViTConfig):
         super().__init__()
-        self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.inner_dim)
-        self.proj = nn.Linear(cfg.inner_dim, cfg.dim)
-        self.dropout = cfg.dropout
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.dim, 3 * config.inner_dim)
+        self.proj = nn.Linear(config.inner_dim, config.dim)
+        self.dropout = config.dropout
 
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
@@ -105,17 +54,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(config.dim)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.dim)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.mlp_dim),
+            nn.Linear(config.dim, config.mlp_dim),
             nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.mlp_dim, cfg.dim),
-            nn.Dropout(cfg.dropout),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.mlp_dim, config.dim),
+            nn.Dropout(config.dropout),
         )
         self.drop_path = _stochastic_depth(drop_path)
 
@@ -128,29 +77,29 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, config: ViTConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         # The patch embedding is a strided conv: one linear map per non-overlapping patch.
         self.patch_embed = (
-            conv_stem(cfg)
-            if cfg.stem == "conv"
-            else nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+            conv_stem(config)
+            if config.stem == "conv"
+            else nn.Conv2d(config.in_channels, config.dim, config.patch_size, stride=config.patch_size)
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
-        if cfg.pos_embed == "sincos":
-            positions = sincos_2d(cfg.grid_size, cfg.dim)
-            if cfg.pool == "cls":
-                positions = torch.cat([torch.zeros(1, cfg.dim), positions])  # CLS has no position (MAE)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if config.pool == "cls" else None
+        if config.pos_embed == "sincos":
+            positions = sincos_2d(config.grid_size, config.dim)
+            if config.pool == "cls":
+                positions = torch.cat([torch.zeros(1, config.dim), positions])  # CLS has no position (MAE)
             # Not persistent: computed, so checkpoints hold only what was learned.
             self.register_buffer("pos_embed", positions[None], persistent=False)
         else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
-        self.dropout = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0.0, cfg.drop_path, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+            self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.dim))
+        self.dropout = nn.Dropout(config.dropout)
+        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.num_classes)
         self.apply(_init_weights)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -159,7 +108,7 @@ class ViT(nn.Module):
 
     @property
     def grid_size(self) -> int:
-        return self.cfg.grid_size
+        return self.config.grid_size
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, classes) and each layer's attention weights (depth, B, heads, T, T), where T is the
@@ -184,12 +133,12 @@ class ViT(nn.Module):
         return self.head(self.norm(x)), weights
 
 
-def conv_stem(cfg: ViTConfig) -> nn.Sequential:
+def conv_stem(config: ViTConfig) -> nn.Sequential:
     """CCT's tokenizer: [conv3x3-ReLU-maxpool3x3/2] stages until the side shrank by patch_size; 64 channels
     between stages, dim after the last. Overlapping kernels give tokens that share edges with their
     neighbours, the inductive bias a patch embedding lacks."""
-    stages = int(math.log2(cfg.patch_size))
-    widths = [cfg.in_channels] + [CONV_STEM_WIDTH] * (stages - 1) + [cfg.dim]
+    stages = int(math.log2(config.patch_size))
+    widths = [config.in_channels] + [CONV_STEM_WIDTH] * (stages - 1) + [config.dim]
     layers: list[nn.Module] = []
     for width_in, width_out in itertools.pairwise(widths):
         conv = nn.Conv2d(width_in, width_out, 3, padding=1, bias=False)

@@ -8,50 +8,33 @@ from vitlab.data.prepared import load_prepared
 from vitlab.device import select_device
 from vitlab.evaluate import evaluate, prediction_rows
 from vitlab.figures import plot_confusion, plot_mistakes, plot_per_class_accuracy
-from vitlab.models import count_parameters, model_spec
+from vitlab.models import count_parameters, describe_model
 from vitlab.params import Params
 from vitlab.stages import Layout
 from vitlab.tracking import Tracker
 
 
 def run(params: Params, layout: Layout) -> None:
-    """Evaluate ``layout.checkpoint`` on the prepared test split; writes every ``reports/eval`` output."""
+    """Evaluate ``layout.checkpoint`` on the prepared test split; writes every ``reports/eval`` output.
+
+    Per-class figures go to per_class.tsv, not metrics.json: 100 metric columns would swamp `dvc exp show`.
+    """
     device = select_device(params.train.device)
     ckpt = load_checkpoint(layout.checkpoint, device)
     test = load_prepared(layout.prepared_dir).test
-    result = evaluate(
-        ckpt.model, test, ckpt.normalization, len(ckpt.class_names), params.evaluate.batch_size, device
-    )
     names = ckpt.class_names
-    metrics = {
-        "test_loss": round(result.loss, 6),
-        "test_accuracy": round(result.accuracy, 6),
-        "test_images": len(test),
-    }
-    # per-class figures go to per_class.tsv: 100 metric columns would swamp `dvc exp show`
-    files.write_json(layout.eval_metrics, metrics)
-    support = result.confusion.sum(1)
-    files.write_tsv(
-        layout.per_class,
-        [
-            {"class": n, "accuracy": a, "support": int(s)}
-            for n, a, s in zip(names, result.per_class_accuracy, support, strict=True)
-        ],
-    )
-    files.write_csv(
-        layout.confusion,
-        ["actual", "predicted"],
-        [(names[a], names[p]) for a, p in zip(test.labels, result.predictions, strict=True)],
-    )
+    result = evaluate(ckpt.model, test, ckpt.normalization, len(names), params.evaluate.batch_size, device)
+    files.write_json(layout.eval_metrics, result.metrics())
+    files.write_tsv(layout.per_class, result.per_class_rows(names))
+    files.write_csv(layout.confusion, ["actual", "predicted"], result.confusion_pairs(test.labels, names))
     rows = prediction_rows(result, test.labels, names)
     files.write_csv(layout.eval_predictions, list(rows[0]), [tuple(row.values()) for row in rows])
-    files.write_json(
-        layout.eval_model, model_spec(ckpt.model) | {"num_parameters": count_parameters(ckpt.model)}
-    )
+    model = describe_model(ckpt.model) | {"num_parameters": count_parameters(ckpt.model)}
+    files.write_json(layout.eval_model, model)
     pictures = {
         "confusion": plot_confusion(result.confusion, names, layout.confusion_png),
         "per_class_accuracy": plot_per_class_accuracy(
-            result.per_class_accuracy, support, names, layout.per_class_png
+            result.per_class_accuracy, result.confusion.sum(1), names, layout.per_class_png
         ),
         "most_confident_mistakes": plot_mistakes(
             test.images,
@@ -63,15 +46,11 @@ def run(params: Params, layout: Layout) -> None:
             params.evaluate.num_mistakes,
         ),
     }
-    tracker = Tracker(config=params.model_dump(by_alias=True), job_type="evaluate")
-    try:
-        tracker.summary(metrics)
+    with Tracker(config=params.model_dump(by_alias=True), job_type="evaluate") as tracker:
+        tracker.summary(result.metrics())
         tracker.log_images(pictures)
+        header = ["image", *rows[0]]
         tracker.log_table(
-            "test_predictions",
-            ["image", *rows[0]],
-            [[image, *row.values()] for image, row in zip(test.images, rows, strict=True)],
+            "test_predictions", header, [[im, *r.values()] for im, r in zip(test.images, rows, strict=True)]
         )
-    finally:
-        tracker.finish()
     print(f"test accuracy {result.accuracy:.4f}, loss {result.loss:.4f} on {len(test)} images")
