@@ -16,7 +16,7 @@ from png_checks import assert_picture
 from vitlab import compare
 from vitlab.compare import RunRecord
 from vitlab.errors import VitlabError
-from vitlab.stats import bootstrap_ci, paired_bootstrap_diff
+from vitlab.stats import Interval, bootstrap_ci, paired_bootstrap_diff
 
 N = 200
 LABELS = [f"class_{i % 10}" for i in range(N)]
@@ -107,6 +107,21 @@ def test_baseline_is_the_only_cnn_unless_named(study):
     two_cnns = [*study, _record("resnet", "resnet", None, _correct(0.7, 5))]
     with pytest.raises(VitlabError, match=r"several CNN runs \(cnn, resnet\): choose the baseline"):
         compare.pick_baseline(two_cnns, None)
+
+
+def test_identical_runs_differ_by_exactly_zero_and_a_perfect_run_is_certain():
+    # Constant per-image values have no BCa interval in scipy (NaN); every resample has the same mean.
+    correct = _correct(0.55, 0)
+    perfect = np.ones(N, dtype=int)
+    records = [_record("cnn", "cnn", None, correct), _record("same", "vit", 4, correct)]
+    records.append(_record("perfect", "vit", 2, perfect))
+    rows = {r.run: r for r in compare.compare_runs(records, resamples=500)}
+    assert rows["same"].vs_baseline == Interval(0.0, 0.0, 0.0)
+    assert rows["perfect"].test_accuracy == Interval(1.0, 1.0, 1.0)
+    assert rows["perfect"].test_loss == Interval(0.5, 0.5, 0.5)
+    table = compare.table_markdown(list(rows.values()), "cnn", 500, 0)
+    assert "| +0.0 pts [+0.0, +0.0] |" in table
+    assert "| 100.0% [100.0, 100.0] |" in table
 
 
 def test_without_a_cnn_there_are_no_differences(study):

@@ -102,7 +102,8 @@ def test_mistakes_png(tmp_path, wrong, size):
     assert_picture(path, size)
 
 
-def test_overlays_png(tmp_path):
+@pytest.mark.parametrize("smooth", [False, True])
+def test_overlays_png(tmp_path, smooth):
     images, _ = cifar_images(3)
     heat = np.random.default_rng(0).random((3, 4, 4))
     path = figures.plot_overlays(
@@ -113,9 +114,40 @@ def test_overlays_png(tmp_path):
         [("one", heat), ("two", heat)],
         "relative",
         tmp_path / "overlay.png",
+        smooth=smooth,
     )
     pixels = assert_picture(path, inches_to_pixels(figures.overlay_inches(3, 2)))
     assert inches_to_pixels(figures.overlay_inches(3, 2)) == (680, 650)
     # The turbo colormap puts saturated colors on the maps: the overlaid panels are far from gray.
     saturation = pixels.max(axis=2).astype(int) - pixels.min(axis=2)
     assert (saturation > 100).mean() > 0.1
+
+
+@pytest.mark.parametrize(("maps", "smooth"), [(4, False), (1, False), (1, True)])
+def test_overlay_png_of_the_attention_stage_stays_small(tmp_path, maps, smooth):
+    # The attention stage's figures: 6 test images, then a ViT layer's 4 heads (8x8 patch maps), or the
+    # rollout, or Grad-CAM's smoothed 8x8 feature map.
+    rows, grid = 6, 8
+    images, _ = cifar_images(rows)
+    rng = np.random.default_rng(0)
+    heat = [(f"head {h}", rng.random((rows, grid, grid)) ** 3) for h in range(maps)]
+    titles = ["frog 37%\n(true cat)"] * rows
+    path = figures.plot_overlays(
+        "layer 0: [CLS] attention per head",
+        images,
+        titles,
+        [True, False] * (rows // 2),
+        heat,
+        "attention relative to the map's maximum",
+        tmp_path / "overlay.png",
+        smooth=smooth,
+    )
+    width, height = inches_to_pixels(figures.overlay_inches(rows, maps))
+    side = images.shape[1]
+    # Each panel shows a 32x32 RGB picture as squares of flat color: PNG's Up filter zeroes the repeated
+    # rows and deflate's back-references take the repeats within a row, so a panel costs about the
+    # picture's raw 3 bytes per pixel (1.8-3.9 measured over four layouts); allow 6. The rest (white,
+    # text, colorbar) is flat: allow half a bit per figure pixel (0.2-0.5 measured). A smoothing filter's
+    # gradients cost over 5 bits per figure pixel, above 3x this bound (870 KB at 4 heads, bound 269 KB).
+    bound = rows * (1 + maps) * side * side * 6 + width * height / 16
+    assert path.stat().st_size <= bound

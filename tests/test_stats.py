@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from vitlab.errors import VitlabError
 from vitlab.stats import Interval, bootstrap_ci, paired_bootstrap_diff
@@ -12,6 +13,43 @@ def _correct(n: int, hits: int, seed: int = 0) -> np.ndarray:
     flags = np.zeros(n)
     flags[np.random.default_rng(seed).choice(n, hits, replace=False)] = 1.0
     return flags
+
+
+def _realistic(case: str) -> tuple[np.ndarray, ...]:
+    """Per-image values like a CIFAR-10 test run on 1,017 images: one model's, or two models' (paired)."""
+    n = 1017
+    a = _correct(n, 458)  # 45.0% accuracy
+    if case == "accuracy":
+        return (a,)
+    if case == "paired":  # another model fixes 60 of a's mistakes and breaks 40 right answers: +2.0 points
+        b = a.copy()
+        rng = np.random.default_rng(1)
+        b[rng.choice(np.flatnonzero(a == 0), 60, replace=False)] = 1.0
+        b[rng.choice(np.flatnonzero(a == 1), 40, replace=False)] = 0.0
+        return b, a
+    # Cross-entropy losses, right-skewed like the committed run's (mean 1.56, sd 0.93, skew 0.78).
+    return (np.random.default_rng(2).gamma(2.8, 1.56 / 2.8, n),)
+
+
+# The percentile intervals of the code scipy replaced (commit ee1a1e8; seed 0, 10,000 resamples), and the
+# resampling noise of each endpoint: sqrt(sd_old^2 + sd_new^2), each sd over seeds 0-39 of the old
+# percentile and the new BCa code, as both intervals are noisy. BCa's skew correction moved the loss
+# interval by +0.001 on average over those seeds, the others by under 0.0003: within the noise.
+BEFORE = {
+    "accuracy": ((0.419862, 0.480826), (0.00065, 0.00074)),
+    "paired": ((0.0, 0.039331), (0.00064, 0.00064)),
+    "loss": ((1.439557, 1.550458), (0.00113, 0.00126)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE))
+def test_intervals_agree_with_the_percentile_intervals_before_scipy(case):
+    (low, high), (sd_low, sd_high) = BEFORE[case]
+    values = _realistic(case)
+    interval = paired_bootstrap_diff(*values) if len(values) == 2 else bootstrap_ci(*values)
+    # 3 sd: a difference of two noisy endpoints exceeds it with probability 0.3% (normal noise).
+    assert interval.low == pytest.approx(low, abs=3 * sd_low)
+    assert interval.high == pytest.approx(high, abs=3 * sd_high)
 
 
 def test_accuracy_interval_matches_the_binomial_normal_approximation():
@@ -56,8 +94,8 @@ def test_95_percent_intervals_cover_the_true_accuracy_about_95_percent_of_the_ti
     for trial in range(trials):
         interval = bootstrap_ci((rng.random(n) < p).astype(float), resamples=1000, seed=trial)
         covered += interval.low <= p <= interval.high
-    # Binomial(300, 0.95) lies in [0.92, 0.98] with probability > 0.99; the percentile bootstrap of a
-    # proportion under-covers slightly at n=200, which this range allows.
+    # Binomial(300, 0.95) lies in [0.92, 0.98] with probability > 0.99; a bootstrap interval of a proportion
+    # is approximate at n=200 (it may under-cover slightly), which this range allows.
     assert 0.90 <= covered / trials <= 0.98
 
 
@@ -66,18 +104,48 @@ def test_paired_difference_of_identical_runs_is_exactly_zero():
     assert paired_bootstrap_diff(a, a.copy()) == Interval(0.0, 0.0, 0.0)
 
 
-def test_paired_difference_of_a_few_fixed_mistakes():
-    # b is a with 10 of its mistakes turned right: every per-image difference is 0 or 1.
+def test_paired_difference_of_a_few_fixed_mistakes_follows_the_exact_binomial_interval():
+    # b is a with 10 of its mistakes turned right: every per-image difference is 0 or 1, so the difference
+    # is a proportion with the exact (Clopper-Pearson) interval [0.0048, 0.0183]. Its resampled means are
+    # skewed (a count near 0), which BCa corrects; the percentile interval was [0.004, 0.017].
     n = 1000
     a = _correct(n, 600)
     b = a.copy()
     b[np.flatnonzero(a == 0)[:10]] = 1.0
     diff = paired_bootstrap_diff(b, a)
+    exact = stats.binomtest(10, n).proportion_ci()
     assert diff.estimate == pytest.approx(0.01)
     assert diff.low >= 0.0  # no resample can have b worse than a
-    half_width = 1.959964 * math.sqrt(0.01 * 0.99 / n)  # 0.0062
-    assert diff.high == pytest.approx(0.01 + half_width, abs=0.002)
+    # The endpoints lie on the 1/n = 0.001 grid of resampled means: one step off the exact bounds at most.
+    assert diff.low == pytest.approx(exact.low, abs=1 / n)
+    assert diff.high == pytest.approx(exact.high, abs=1 / n)
     assert paired_bootstrap_diff(a, b).estimate == pytest.approx(-0.01)
+
+
+def test_one_right_answer_in_a_thousand_gets_the_exact_upper_bound():
+    # The percentile interval's upper end was 0.003 (fewer than 2.5% of resamples draw the one hit 4+
+    # times), half the exact bound 0.0056; BCa's over seeds 0-7 was 0.0050-0.0060.
+    values = np.zeros(1000)
+    values[0] = 1.0
+    interval = bootstrap_ci(values)
+    assert interval.low == 0.0
+    assert interval.high == pytest.approx(stats.binomtest(1, 1000).proportion_ci().high, abs=1e-3)
+
+
+def test_pairing_is_scipys_paired_resampling_of_the_items():
+    # Bootstrapping a - b draws the same item indices for both models, as scipy's paired=True does.
+    rng = np.random.default_rng(0)
+    a, b = rng.gamma(2.8, 0.56, 300), rng.gamma(2.8, 0.5, 300)
+    ours = paired_bootstrap_diff(a, b, resamples=2000, seed=5)
+    scipys = stats.bootstrap(
+        (a, b),
+        lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis),
+        n_resamples=2000,
+        paired=True,
+        vectorized=True,
+        rng=np.random.default_rng(5),
+    ).confidence_interval
+    assert (ours.low, ours.high) == pytest.approx((scipys.low, scipys.high), rel=1e-9)
 
 
 def test_pairing_makes_the_difference_of_correlated_runs_much_narrower():
@@ -104,6 +172,8 @@ def test_pairing_makes_the_difference_of_correlated_runs_much_narrower():
         (lambda: bootstrap_ci(np.array([1.0, np.nan])), "NaN"),
         (lambda: bootstrap_ci(np.ones(3), confidence=1.0), "strictly between 0 and 1"),
         (lambda: bootstrap_ci(np.ones(3), resamples=0), "resamples must be positive"),
+        # One resample lies on one side of the estimate: BCa's bias correction is infinite.
+        (lambda: bootstrap_ci(np.arange(30.0), resamples=1), "no BCa interval from 1 resamples of 30 items"),
         (lambda: paired_bootstrap_diff(np.ones(3), np.ones(4)), "differ in length: 3 vs 4"),
     ],
 )

@@ -5,7 +5,7 @@ need no DVC; ``run_study`` and ``dvc_records`` are the DVC side: they run the pa
 (``dvc exp run --temp``, which leaves the workspace untouched) and read each experiment's git-tracked
 outputs back with ``dvc.api.read`` (``collect_maps`` their attention or Grad-CAM pictures, side by side).
 
-Accuracy and loss get percentile bootstrap intervals over the test images; each run's accuracy minus the
+Accuracy and loss get BCa bootstrap intervals over the test images; each run's accuracy minus the
 baseline's (the CNN) is bootstrapped over the same images for both (``vitlab.stats``), which is only
 meaningful when both runs saw the same test set, so runs on different test sets are refused.
 """
@@ -39,6 +39,12 @@ CNN_ARCHS = ("cnn", "resnet")
 
 @dataclass(frozen=True)
 class RunRecord:
+    """One finished run as ``compare_runs`` reads it: its model and its results on the test images.
+
+    ``predictions`` holds one row per test image with PREDICTION_COLUMNS (``correct`` 0/1, ``loss`` the
+    image's cross-entropy in nats, ``confidence`` in [0, 1]); ``history`` one row per epoch.
+    """
+
     name: str
     model: str  # the label shown: the preset's name, else the architecture's
     arch: str  # vit | cnn | resnet | mlp
@@ -50,6 +56,9 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class ComparisonRow:
+    """One run's line of the comparison: its model, test loss (nats) and accuracy (a share of the test
+    images) with bootstrap intervals, and the paired accuracy difference to the baseline."""
+
     run: str
     model: str
     arch: str
@@ -113,6 +122,11 @@ def _study_order(record: RunRecord) -> tuple:
 
 
 def pick_baseline(records: Sequence[RunRecord], baseline: str | None) -> str | None:
+    """The run the others are paired with: ``baseline`` if given, else the only CNN (None without one).
+
+    Raises:
+        VitlabError: ``baseline`` names no run, or it is None and there are several CNN runs.
+    """
     names = [r.name for r in records]
     if baseline is not None:
         if baseline not in names:
@@ -181,6 +195,8 @@ TABLE_FIELDS = (
 
 
 def table_csv(rows: Sequence[ComparisonRow], baseline: str | None) -> str:
+    """The rows as CSV text with TABLE_FIELDS as header: each interval as estimate, low, high (6 decimals;
+    accuracies as shares, not percent), empty cells where a run has no difference to the baseline."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, TABLE_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -215,6 +231,8 @@ def _interval_fields(name: str, interval: Interval | None) -> dict[str, str]:
 
 
 def table_markdown(rows: Sequence[ComparisonRow], baseline: str | None, resamples: int, seed: int) -> str:
+    """The rows as a Markdown table (accuracy in percent, its difference in points) and a note saying how
+    the intervals were computed (``resamples`` and ``seed`` as given to ``compare_runs``)."""
     confidence = f"{rows[0].test_accuracy.confidence:.0%}"
     vs = f"vs {baseline}: Δ accuracy ({confidence} CI)" if baseline else "Δ accuracy"
     lines = [
@@ -241,7 +259,7 @@ def table_markdown(rows: Sequence[ComparisonRow], baseline: str | None, resample
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"{rows[0].test_images:,} test images, the same for every run. Intervals: percentile bootstrap over "
+        f"{rows[0].test_images:,} test images, the same for every run. Intervals: BCa bootstrap over "
         f"the test images ({resamples:,} resamples, seed {seed}). Δ accuracy is paired: each resample "
         "draws the same images for both runs, so an interval that excludes 0 is a difference the test set "
         "resolves.",
