@@ -139,3 +139,11 @@ def test_a_malformed_md5_is_a_one_line_error_naming_the_key(md5):
         parse_params({"data": {"source": "mirror.tar.gz", "md5": md5}}, origin="params.yaml")
     message = str(error.value)
     assert message.startswith("params.yaml: data.md5: ") and "\n" not in message
+
+
+def test_params_yaml_states_the_default_models_size():
+    from vitlab.models import build_model, count_parameters
+
+    model = parse_params({}).model
+    n = count_parameters(build_model(model.name, model.config(num_classes=10)))
+    assert f"# vit ({n:,} parameters for 10 classes)" in (REPO / "params.yaml").read_text()

@@ -28,6 +28,8 @@ UNREADABLE = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError
 
 @dataclass(frozen=True)
 class Normalization:
+    """Per-channel (RGB) input normalization on the 0-1 scale: ``x = (pixels / 255 - mean) / std``."""
+
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -50,6 +52,9 @@ class Normalization:
 
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint: the model (eval mode, on the requested device), class names in logit order, its
+    input normalization and the dataset name ("unknown" for a file saved without one)."""
+
     model: nn.Module
     class_names: list[str]
     normalization: Normalization
@@ -59,6 +64,12 @@ class Checkpoint:
 def save_checkpoint(
     path: str | Path, model: nn.Module, class_names: list[str], norm: Normalization, dataset: str
 ) -> None:
+    """Save ``model``'s CPU weights, arch and config, ``class_names``, ``norm`` and ``dataset`` atomically to
+    ``path`` in the format ``load_checkpoint`` reads (see the module docstring).
+
+    ``model`` must be the bare vitlab model (not DDP- or torch.compile-wrapped): describe_model raises
+    TypeError for anything else. A failed write is a VitlabError naming ``path``.
+    """
     payload = {
         **describe_model(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -29,15 +29,22 @@ def is_main_process() -> bool:
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in training: ``rank`` (0-based), ``size`` (number of processes) and the
+    ``device`` it trains on; outside torchrun a world of one (rank 0, size 1)."""
+
     rank: int
     size: int
     device: torch.device
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the one process that writes outputs."""
         return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel (Li et al., 2020, "PyTorch Distributed") when size > 1, else
+        ``model`` itself. ``model`` must already be on ``device``; the wrapper's state_dict keys gain a
+        ``module.`` prefix, so save the unwrapped model."""
         if self.size == 1:
             return model
         return DistributedDataParallel(

@@ -35,6 +35,8 @@ def predict_logits(
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Scores of one model on a test split: mean loss, accuracy (0-1) and per-class/per-image results."""
+
     loss: float
     accuracy: float
     per_class_accuracy: list[float]

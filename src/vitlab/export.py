@@ -68,16 +68,16 @@ def export_onnx(
     faster in ONNX Runtime, but no longer plain ONNX, so other runtimes cannot load it.
     """
     path = Path(path)
-    spec = describe_model(model)
+    described = describe_model(model)
     if with_attention and not has_attention(model):
-        raise VitlabError(f"{spec['arch']} has no attention to export (with_attention needs a ViT)")
+        raise VitlabError(f"{described['arch']} has no attention to export (with_attention needs a ViT)")
     props = {
         "class_names": json.dumps(list(class_names)),
         "mean": json.dumps(list(norm.mean)),
         "std": json.dumps(list(norm.std)),
         "input_layout": INPUT_LAYOUT,
-        "arch": spec["arch"],
-        "config": json.dumps(spec["config"]),
+        "arch": described["arch"],
+        "config": json.dumps(described["config"]),
     }
     if with_attention:
         props["attention_layout"] = ATTENTION_LAYOUT
@@ -111,7 +111,9 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise VitlabError(f"exported {spec['arch']} fails the ONNX checker: {one_line(error)}") from error
+        raise VitlabError(
+            f"exported {described['arch']} fails the ONNX checker: {one_line(error)}"
+        ) from error
     with files.atomic_path(path) as tmp:
         # Weights inline (no external data): one file to copy; these models are far below protobuf's 2 GB.
         onnx.save_model(proto, tmp, format="protobuf", save_as_external_data=False)
@@ -166,8 +168,9 @@ def verify_onnx(
     }
 
 
-def ensure_parity(result: dict[str, Any], max_abs_diff: float, min_top1_agreement: float) -> None:
-    """Raise VitlabError when ``verify_onnx``'s figures miss the tolerances (a NaN always misses)."""
+def ensure_parity(result: dict[str, Any], max_abs_diff: float, min_top1_agreement: float) -> str:
+    """Raise VitlabError when ``verify_onnx``'s figures miss the tolerances (a NaN always misses); else
+    return them as one line for the log."""
     n = result["num_images"]
     if not result["max_abs_diff"] <= max_abs_diff:
         raise VitlabError(
@@ -179,6 +182,10 @@ def ensure_parity(result: dict[str, Any], max_abs_diff: float, min_top1_agreemen
             f"ONNX export differs from PyTorch: top-1 agreement {result['top1_agreement']:.4f} is below "
             f"export.min_top1_agreement {min_top1_agreement:.4f} on {n} images"
         )
+    return (
+        f"max |logit diff| {result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agreement']:.4f} on "
+        f"{n} test images"
+    )
 
 
 def quantize_onnx(
@@ -363,9 +370,10 @@ def compare_accuracy(
     }
 
 
-def ensure_int8_accuracy(result: dict[str, Any], max_drop_points: float) -> None:
+def ensure_int8_accuracy(result: dict[str, Any], max_drop_points: float) -> str:
     """Raise VitlabError (one line) when ``compare_accuracy``'s int8 model gives any image a different top-1
-    at batch 1 than at its batch size, or its top-1 accuracy falls more than ``max_drop_points`` below fp32's.
+    at batch 1 than at its batch size, or its top-1 accuracy falls more than ``max_drop_points`` below fp32's;
+    else return its figures as one line for the log.
     """
     if result["top1_batch_changes"]:
         raise VitlabError(
@@ -378,3 +386,8 @@ def ensure_int8_accuracy(result: dict[str, Any], max_drop_points: float) -> None
             f"({result['fp32_accuracy']:.4f} -> {result['int8_accuracy']:.4f} on {result['num_images']} "
             f"images), more than export.max_int8_accuracy_drop {max_drop_points:.2f}"
         )
+    return (
+        f"test accuracy {result['int8_accuracy']:.4f} (batch 1: {result['int8_accuracy_batch1']:.4f}) "
+        f"vs fp32 {result['fp32_accuracy']:.4f}, top-1 agreement {result['top1_agreement']:.4f}, "
+        f"{result['top1_batch_changes']} top-1 changes between batch 1 and {result['batch_size']}"
+    )

@@ -50,15 +50,22 @@ def _umask() -> int:
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes | memoryview) -> None:
+    """Write ``data`` to ``target`` atomically (``atomic_path``); a failed write: VitlabError naming it."""
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``target`` atomically as UTF-8, line ends as given; errors as ``write_bytes``."""
     write_bytes(target, text.encode("utf-8"))
 
 
 def write_json(target: str | os.PathLike[str], payload: Any) -> None:
+    """Write ``payload`` atomically as JSON: 2-space indent, keys in insertion order, a final newline.
+
+    A payload json cannot encode raises TypeError before ``target`` is touched; float NaN/inf are written
+    as the non-standard ``NaN``/``Infinity`` (json's default), not refused.
+    """
     write_text(target, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 

@@ -139,6 +139,10 @@ class Classifier:
     """A vitlab ONNX model ready to classify uint8 images; ``predict`` may be called from many threads."""
 
     def __init__(self, model_path: str | Path, provider: str = "auto", threads: int | None = None):
+        """Open ``model_path`` on ``provider`` (see ``select_providers``) with ``threads`` intra-op threads
+        (None: ORT's default). Raises VitlabError naming the file when it is missing or not loadable, when
+        an explicitly chosen provider does not start, when its input is not float (N, 3, 32, 32), or when
+        its class_names/mean/std metadata is missing, invalid or disagrees with the number of logits."""
         path = Path(model_path)
         if not path.is_file():
             raise VitlabError(f"{path}: no such model file")
@@ -181,6 +185,7 @@ class Classifier:
 
     @property
     def class_names(self) -> list[str]:
+        """A copy of the class names from the model's metadata, in logit order."""
         return list(self._class_names)
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -206,12 +211,16 @@ class Classifier:
 
 @dataclasses.dataclass
 class Prediction:
+    """One file's result from ``classify_files``: its top-k labels and float probabilities, best first, or
+    ``error``, why it could not be read (without the path), with both lists empty."""
+
     path: str
     labels: list[str]  # best first
     probabilities: list[float]
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (what ``vitlab predict --json`` prints per file)."""
         return dataclasses.asdict(self)
 
 

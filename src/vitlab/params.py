@@ -183,6 +183,8 @@ FROM_DATA = ("num_classes", "image_size", "in_channels")  # set from the dataset
 
 
 class DataParams(Section):
+    """data: which dataset (or a verified mirror of it), and the seeded validation hold-out."""
+
     dataset: DatasetName = "cifar10-sample"
     source: str | None = Field(
         None, description="URL or local path of an archive that replaces the dataset's official source"
@@ -204,6 +206,8 @@ class DataParams(Section):
 
 
 class ValidateParams(Section):
+    """validate: the thresholds of the Great Expectations suite over the prepared data."""
+
     class_balance_tolerance: float = Field(
         0.25,
         gt=0.0,
@@ -308,6 +312,8 @@ ModelParams = create_model(
 
 
 class TrainParams(Section):
+    """train: the optimizer, schedule, augmentation and run settings ``vitlab.train.train`` reads."""
+
     epochs: int = Field(40, gt=0)
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
@@ -345,15 +351,21 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
+    """evaluate: test-set scoring and the mistakes figure."""
+
     batch_size: int = Field(512, gt=0)
     num_mistakes: int = Field(16, gt=0, le=64, description="most confident mistakes drawn in mistakes.png")
 
 
 class AttentionParams(Section):
+    """attention: which test images get attention maps and rollout."""
+
     num_images: int = Field(6, gt=0, le=64, description="first test images to draw, a fixed set")
 
 
 class ExportParams(Section):
+    """export: the ONNX opset, the parity checks against PyTorch and the int8 model."""
+
     opset: int = Field(18, ge=OPSETS[0], le=OPSETS[1])
     max_abs_diff: float = Field(1e-4, gt=0.0, description="largest logit difference ORT vs PyTorch allowed")
     min_top1_agreement: float = Field(1.0, gt=0.0, le=1.0)
@@ -372,11 +384,15 @@ class ExportParams(Section):
 
 
 class InferenceParams(Section):
+    """inference: ONNX Runtime's batch size and execution provider."""
+
     batch_size: int = Field(256, gt=0)
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
 
 
 class Params(Section):
+    """The whole params.yaml: one section per stage (``validate`` is ``validate_`` in Python)."""
+
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     model: ModelParams = ModelParams()
@@ -436,6 +452,7 @@ def parse_params(raw: Any, origin: str = "params") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; VitlabError for a missing file, bad YAML or an invalid value."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

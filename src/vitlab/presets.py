@@ -13,6 +13,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Preset:
+    """A named architecture: ``arch`` (a vitlab.models.MODELS key), the config keys it fixes and a one-line
+    ``description`` (shown by ``python -m vitlab.models``)."""
+
     arch: str
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""

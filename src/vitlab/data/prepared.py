@@ -15,6 +15,8 @@ from vitlab.errors import VitlabError
 
 @dataclass(frozen=True)
 class Split:
+    """One split: uint8 (N, 32, 32, 3) HWC RGB images and int64 (N,) class indices; ``len()`` is N."""
+
     images: np.ndarray  # uint8 (N, 32, 32, 3)
     labels: np.ndarray  # int64 (N,)
 
@@ -24,6 +26,9 @@ class Split:
 
 @dataclass(frozen=True)
 class PreparedDataset:
+    """Train and test splits, class names (a label indexes them) and ``info``: what meta.json records besides
+    the class names."""
+
     train: Split
     test: Split
     class_names: list[str]
@@ -31,10 +36,14 @@ class PreparedDataset:
 
     @property
     def num_classes(self) -> int:
+        """The number of class names."""
         return len(self.class_names)
 
 
 def save_prepared(dataset: PreparedDataset, folder: str | Path) -> None:
+    """Write ``folder``/train.npz and test.npz (uncompressed arrays ``images``, ``labels``) and meta.json
+    (``class_names`` plus ``info``), creating ``folder``; each file is atomic on its own, not the set.
+    A failed write is a VitlabError naming the file."""
     folder = Path(folder)
     for name, split in (("train", dataset.train), ("test", dataset.test)):
         with files.atomic_path(folder / f"{name}.npz") as tmp, open(tmp, "wb") as handle:
@@ -43,6 +52,11 @@ def save_prepared(dataset: PreparedDataset, folder: str | Path) -> None:
 
 
 def load_prepared(folder: str | Path) -> PreparedDataset:
+    """Read what ``save_prepared`` wrote (no pickles allowed); array shapes and dtypes are not checked.
+
+    Raises VitlabError naming ``folder`` when a file is missing or unreadable, meta.json is not JSON, or an
+    npz lacks ``images`` or ``labels``.
+    """
     folder = Path(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text())

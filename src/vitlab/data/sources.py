@@ -11,6 +11,9 @@ SAMPLE_DIR = Path(__file__).resolve().parents[3] / "data" / "sample"
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A dataset's archive (url, md5) and its layout: the CIFAR "python version" pickled batches of
+    Krizhevsky (2009), https://www.cs.toronto.edu/~kriz/cifar.html, and the counts it promises."""
+
     name: str
     url: str  # official URL, or a path for the embedded sample
     md5: str  # md5 of the whole archive
@@ -26,6 +29,7 @@ class DatasetSpec:
 
     @property
     def archive_name(self) -> str:
+        """The archive's file name: the last "/"-separated part of ``url`` (cifar-10-python.tar.gz)."""
         return self.url.rsplit("/", 1)[-1]
 
 

@@ -6,6 +6,8 @@ from vitlab.models import PRESETS, build_model, count_parameters, preset_config
 
 
 def preset_table() -> str:
+    """A Markdown table: each preset, its architecture and description, its parameters for 10 and 100
+    classes."""
     lines = [
         "| preset | architecture | params (10 classes) | params (100 classes) |",
         "| --- | --- | ---: | ---: |",

@@ -13,6 +13,8 @@ from vitlab.params import CNNConfig
 
 
 class CNN(nn.Module):
+    """[conv3x3-ReLU-maxpool2] per width in ``config.channels``, then dropout and one linear layer."""
+
     def __init__(self, config: CNNConfig):
         super().__init__()
         self.config = config
@@ -28,4 +30,5 @@ class CNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
         return self.head(self.features(x))  # (B, 3, 32, 32) -> (B, classes)

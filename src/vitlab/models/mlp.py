@@ -9,6 +9,8 @@ from vitlab.params import MLPConfig
 
 
 class MLP(nn.Module):
+    """Flatten, then [linear-GELU-dropout] per width in ``config.hidden``, then a linear head."""
+
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
@@ -21,4 +23,5 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
         return self.net(x)  # (B, 3, 32, 32) -> (B, classes)

@@ -16,6 +16,9 @@ from vitlab.params import ResNetConfig
 
 
 class ResNet(nn.Module):
+    """conv3x3-BN-ReLU stem, a stage of torchvision BasicBlocks per width (each after the first halving the
+    side), global average pooling, dropout, linear head (He et al., 2016, section 4.2)."""
+
     def __init__(self, config: ResNetConfig):
         super().__init__()
         import_torchvision()
@@ -49,6 +52,7 @@ class ResNet(nn.Module):
             nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
         x = self.blocks(self.stem(x))  # (B, 3, 32, 32) -> (B, widths[-1], 32/2^(stages-1), ...)
         return self.head(x)  # (B, classes)
 

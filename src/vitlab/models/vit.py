@@ -29,6 +29,9 @@ CONV_STEM_WIDTH = 64  # CCT's in_planes: channels between its tokenizer's conv s
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention (Vaswani et al., 2017) with one fused qkv projection, as timm's
+    ``Attention``; heads may have a width of their own (``config.head_dim``, lucidrains' dim_head)."""
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.heads = config.heads
@@ -39,6 +42,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (B, T, dim) -> (B, T, dim), and with ``need_weights`` the softmax weights (B, heads, T, T)
+        (else None: the fused ``scaled_dot_product_attention`` path, which does not form them)."""
         # chunk + unflatten rather than one view to (B, T, 3, H, hd): the same tensors, but the exported graph
         # then matches onnxscript's MultiHeadAttention fusion whole (vitlab.export.fuse_for_onnxruntime).
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
@@ -54,6 +59,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)), each branch under stochastic
+    depth at rate ``drop_path`` (Huang et al., 2016)."""
+
     def __init__(self, config: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.dim)
@@ -71,12 +79,18 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (B, T, dim) -> (B, T, dim), and the attention weights (B, heads, T, T) or None."""
         y, weights = self.attn(self.norm1(x), need_weights)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x))), weights
 
 
 class ViT(nn.Module):
+    """The Vision Transformer (Dosovitskiy et al., 2021) for small images: tokenizer (patch embedding or CCT's
+    conv stem) -> [CLS] + position embedding -> ``depth`` pre-norm blocks -> CLS token or mean pooling ->
+    LayerNorm -> linear head. ``config`` (``vitlab.params.ViTConfig``) fixes every size.
+    """
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
@@ -108,6 +122,7 @@ class ViT(nn.Module):
 
     @property
     def grid_size(self) -> int:
+        """Tokens per side of the patch grid (image_size // patch_size, for either stem)."""
         return self.config.grid_size
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +132,7 @@ class ViT(nn.Module):
         return logits, torch.stack(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float images (B, in_channels, image_size, image_size) -> logits (B, num_classes)."""
         return self._forward(x, need_weights=False)[0]
 
     def _forward(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

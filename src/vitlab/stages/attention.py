@@ -31,9 +31,6 @@ def run(params: Params, layout: Layout) -> None:
     if not summary.get("supported"):
         print(f"no attention maps: {summary.get('reason')} (the stage completes without pictures)")
         return
-    tracker = Tracker(config=params.model_dump(by_alias=True), job_type="attention")
-    try:
+    with Tracker(config=params.model_dump(by_alias=True), job_type="attention") as tracker:
         tracker.log_images({Path(name).stem: layout.attention_dir / name for name in summary["files"]})
-    finally:
-        tracker.finish()
     print(f"{summary['method']} maps of {n} test images -> {layout.attention_dir}")

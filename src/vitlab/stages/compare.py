@@ -24,14 +24,10 @@ def compare_experiments(
     maps = collect_maps(names, str(layout.attention_dir), out_dir / "maps")
     with open(out_dir / "table.csv", newline="") as handle:
         header, *rows = list(csv.reader(handle))
-    tracker = Tracker(
-        config={"runs": names, "baseline": baseline, "resamples": resamples}, job_type="compare"
-    )
-    try:
+    config = {"runs": names, "baseline": baseline, "resamples": resamples}
+    with Tracker(config=config, job_type="compare") as tracker:
         tracker.log_table("comparison", header, rows)
         tracker.log_images({name: out_dir / f"{name}.png" for name in ("accuracy_vs_patch", "val_curves")})
         tracker.log_images({path.stem: path for path in maps})
-    finally:
-        tracker.finish()
     print((out_dir / "table.md").read_text(), end="")
     print(f"comparison of {len(names)} runs -> {out_dir}")
