@@ -103,7 +103,8 @@ def test_ensure_parity_names_the_figure_that_is_off(result, message):
 
 
 def test_ensure_parity_accepts_figures_at_the_limits():
-    ensure_parity({"max_abs_diff": 1e-4, "top1_agreement": 0.99, "num_images": 100}, 1e-4, 0.99)
+    line = ensure_parity({"max_abs_diff": 1e-4, "top1_agreement": 0.99, "num_images": 100}, 1e-4, 0.99)
+    assert line == "max |logit diff| 1.00e-04, top-1 agreement 0.9900 on 100 test images"
 
 
 def test_a_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):

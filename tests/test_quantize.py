@@ -172,6 +172,8 @@ def _figures(delta=0.0, changes=0):
         "accuracy_delta_points": delta,
         "fp32_accuracy": 0.5,
         "int8_accuracy": 0.5,
+        "int8_accuracy_batch1": 0.5,
+        "top1_agreement": 0.99,
         "num_images": 1017,
         "top1_batch_changes": changes,
         "batch_size": 256,
@@ -180,7 +182,11 @@ def _figures(delta=0.0, changes=0):
 
 def test_ensure_int8_accuracy_accepts_a_drop_at_the_limit_and_any_gain():
     for delta in (-1.0, 0.0, 2.0):
-        ensure_int8_accuracy(_figures(delta), max_drop_points=1.0)
+        line = ensure_int8_accuracy(_figures(delta), max_drop_points=1.0)
+        assert line == (
+            "test accuracy 0.5000 (batch 1: 0.5000) vs fp32 0.5000, top-1 agreement 0.9900, "
+            "0 top-1 changes between batch 1 and 256"
+        )
 
 
 def test_ensure_int8_accuracy_refuses_an_answer_that_depends_on_the_batch():
