@@ -110,10 +110,10 @@ def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(clone):
     root, env = clone
     code = root / "src" / "vitlab" / "stages" / "evaluate.py"
     original = code.read_text()
-    rounding = '"test_loss": round(result.loss, 6)'
+    rounding = 'print(f"test accuracy {result.accuracy:.4f}'
     assert rounding in original
     try:
-        code.write_text(original.replace(rounding, '"test_loss": round(result.loss, 3)'))
+        code.write_text(original.replace(rounding, 'print(f"test accuracy {result.accuracy:.3f}'))
         status = json.loads(_run(["dvc", "status", "--json"], root, env).stdout)
         # What follows evaluate re-runs with `dvc repro` only if evaluate's outputs change; download never.
         assert list(status) == ["evaluate"]
