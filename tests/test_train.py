@@ -189,7 +189,8 @@ DIVERGED = re.compile(
 
 def _diverging(spec, data, tmp_path, **options) -> tuple[VitlabError, list[dict], Path]:
     """Train until the VitlabError that stops a diverged run: it, the epochs reported, the state file."""
-    base = {"epochs": 2, "batch_size": 32, "learning_rate": 1e-3, "warmup_epochs": 1, "device": "cpu", "seed": 5}
+    base = {"epochs": 2, "batch_size": 32, "learning_rate": 1e-3, "warmup_epochs": 1, "device": "cpu"}
+    base["seed"] = 5
     train_params = TrainParams(**base | options)
     torch.manual_seed(0)
     model = build_model(*spec) if isinstance(spec, tuple) else spec
