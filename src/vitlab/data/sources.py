@@ -26,6 +26,8 @@ class DatasetSpec:
     num_classes: int
     num_train: int  # images the archive promises
     num_test: int
+    image_size: int = 32  # height = width of every image, in pixels
+    channels: int = 3  # 3: RGB; 1: grayscale
 
     @property
     def archive_name(self) -> str:
