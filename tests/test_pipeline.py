@@ -20,6 +20,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+import vitlab
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR100_SUBSET = SHARED_DATA / "cifar-100-subset-python.tar.gz"
@@ -104,6 +106,37 @@ def test_repro_writes_every_output(clone):
 
     status = _run(["dvc", "status", "--json"], root, env)
     assert json.loads(status.stdout) == {}, "dvc repro left stages out of date"
+
+
+def _cpu_vendor() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    vendor = (line.split(":", 1)[1] for line in text.splitlines() if line.startswith("vendor_id"))
+    return next(vendor, "").strip()
+
+
+def test_repro_gives_the_committed_runs_bits(clone):
+    """The committed run (made on one Intel Xeon) reproduces digit for digit on this CPU: vitlab pins the
+    libraries' code paths to AVX2 and 2 threads (vitlab/__init__.py); MKL honours that on Intel CPUs only."""
+    if _cpu_vendor() != "GenuineIntel":
+        pytest.skip(f"CPU vendor {_cpu_vendor() or 'unknown'}: MKL runs its own code there (README)")
+    if not vitlab.CPU_PINS.items() <= os.environ.items():
+        pytest.skip("CPU code paths not pinned here (no AVX2/FMA, VITLAB_PIN_CPU=0, or set otherwise)")
+    root, env = clone
+    committed = _run(["git", "show", "HEAD:reports/train/history.tsv"], root, env).stdout
+    ours = (root / "reports" / "train" / "history.tsv").read_text()
+
+    def without_speed(text: str) -> list[dict[str, str]]:
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
+
+    assert without_speed(ours) == without_speed(committed)
+    evaluation = _json(root / "reports" / "eval" / "metrics.json")
+    committed_eval = json.loads(_run(["git", "show", "HEAD:reports/eval/metrics.json"], root, env).stdout)
+    assert evaluation["test_accuracy"] == committed_eval["test_accuracy"]
+    assert evaluation["test_loss"] == committed_eval["test_loss"]
 
 
 def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(clone):

@@ -17,3 +17,38 @@ __version__ = "0.1.0"
 # (every entry point does); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+# The same bits on every Intel x86-64 CPU with AVX2 and FMA (README, "Across CPUs"). The libraries torch calls
+# pick their code by the CPU they run on, and each choice rounds differently from the first training step on:
+# MKL (Linear layers, attention's matrix products), oneDNN (convolutions, GELU) and ATen's own kernels
+# (LayerNorm, softmax, reductions, AdamW) by instruction set, and reductions by the number of threads. Pinned
+# here: ATen and oneDNN to their AVX2 code, MKL to its AVX2 branch in conditional numerical reproducibility
+# mode, and 2 intra-op threads (also on 1 core, or 16). benchmarks/bench_cpu_repro.py measured it on an
+# AVX-512 Xeon: unpinned, every instruction set and thread count it played trained other weights; pinned, all
+# trained the weights an AVX2-only Intel CPU trains unpinned. MKL honours its AVX2 branch on Intel CPUs only
+# (MKL's documentation): on AMD it runs its own code, so bits may differ there; MKL_CBWR=COMPATIBLE is the
+# branch MKL documents for every x86-64 CPU, at a quarter of the speed, so it is left to the user. Each
+# variable is read once, when torch loads: vitlab must be imported first (every entry point does). A variable
+# the user set is kept; VITLAB_PIN_CPU=0 pins nothing; a CPU without AVX2 and FMA is not pinned.
+CPU_PINS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2",
+    "OMP_NUM_THREADS": "2",
+}
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether this CPU has every one of ``flags`` ("avx2", "fma", "avx512f"...), as Linux lists them in the
+    first ``flags`` line of /proc/cpuinfo; False where that file cannot be read (another OS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            found = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return all(flag in found for flag in flags)
+
+
+if os.environ.get("VITLAB_PIN_CPU", "1") != "0" and cpu_has("avx2", "fma"):
+    for _name, _value in CPU_PINS.items():
+        os.environ.setdefault(_name, _value)

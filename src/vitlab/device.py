@@ -28,11 +28,13 @@ def select_device(choice: str = "auto") -> torch.device:
 
 
 def hardware_description(device: str) -> str:
-    """The GPU's name for a CUDA device, else the CPU model and the cores this process may use."""
+    """The GPU's name for a CUDA device, else the CPU model, the cores this process may use, torch's intra-op
+    threads and ATen's instruction set (the last two decide a CPU run's bits: vitlab/__init__.py)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{_cpu_model()}, {cores} CPU cores"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{_cpu_model()}, {cores} CPU cores, {torch.get_num_threads()} threads, {capability}"
 
 
 def _cpu_model() -> str:
