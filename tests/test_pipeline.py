@@ -108,20 +108,11 @@ def test_repro_writes_every_output(clone):
     assert json.loads(status.stdout) == {}, "dvc repro left stages out of date"
 
 
-def _cpu_vendor() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    vendor = (line.split(":", 1)[1] for line in text.splitlines() if line.startswith("vendor_id"))
-    return next(vendor, "").strip()
-
-
 def test_repro_gives_the_committed_runs_bits(clone):
     """The committed run (made on one Intel Xeon) reproduces digit for digit on this CPU: vitlab pins the
     libraries' code paths to AVX2 and 2 threads (vitlab/__init__.py); MKL honours that on Intel CPUs only."""
-    if _cpu_vendor() != "GenuineIntel":
-        pytest.skip(f"CPU vendor {_cpu_vendor() or 'unknown'}: MKL runs its own code there (README)")
+    if vitlab.cpu_vendor() != "GenuineIntel":
+        pytest.skip(f"CPU vendor {vitlab.cpu_vendor() or 'unknown'}: MKL runs its own code there (README)")
     if not vitlab.CPU_PINS.items() <= os.environ.items():
         pytest.skip("CPU code paths not pinned here (no AVX2/FMA, VITLAB_PIN_CPU=0, or set otherwise)")
     root, env = clone

@@ -30,23 +30,39 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 # branch MKL documents for every x86-64 CPU, at a quarter of the speed, so it is left to the user. Each
 # variable is read once, when torch loads: vitlab must be imported first (every entry point does). A variable
 # the user set is kept; VITLAB_PIN_CPU=0 pins nothing; a CPU without AVX2 and FMA is not pinned.
+# torch.compile's C++ kernels take their vector width from ATEN_CPU_CAPABILITY but are built with
+# -march=native: under the other pins alone, a compiled MLP diverged on an AVX-512 Xeon (loss 1e34 at its
+# second step, in CI) while it trained like eager on an AVX2-only EPYC. x86-64-v3, the instruction set level
+# of AVX2 and FMA CPUs (gcc 11 or later), builds the kernels an AVX2 CPU builds, on every CPU.
 CPU_PINS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_CBWR": "AVX2",
     "OMP_NUM_THREADS": "2",
+    "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3",
 }
 
 
-def cpu_has(*flags: str) -> bool:
-    """Whether this CPU has every one of ``flags`` ("avx2", "fma", "avx512f"...), as Linux lists them in the
-    first ``flags`` line of /proc/cpuinfo; False where that file cannot be read (another OS)."""
+def _cpuinfo(field: str) -> str:
+    """The value of the first ``field`` line of Linux's /proc/cpuinfo; "" where there is none (another OS)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            found = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+            line = next((line for line in cpuinfo if line.split(":", 1)[0].strip() == field), "")
     except OSError:
-        return False
+        return ""
+    return line.partition(":")[2].strip()
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether this CPU has every one of ``flags`` ("avx2", "fma", "avx512f"...), as Linux lists them in
+    /proc/cpuinfo; False where that file cannot be read (another OS)."""
+    found = _cpuinfo("flags").split()
     return all(flag in found for flag in flags)
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"); "" where unknown."""
+    return _cpuinfo("vendor_id")
 
 
 if os.environ.get("VITLAB_PIN_CPU", "1") != "0" and cpu_has("avx2", "fma"):
