@@ -43,8 +43,9 @@ CPU_PINS = {
 }
 
 
-def _cpuinfo(field: str) -> str:
-    """The value of the first ``field`` line of Linux's /proc/cpuinfo; "" where there is none (another OS)."""
+def cpu_info(field: str) -> str:
+    """The value of the first ``field`` line of Linux's /proc/cpuinfo ("model name", "vendor_id": e.g.
+    "GenuineIntel" or "AuthenticAMD", "flags"); "" where there is none or the file is missing (another OS)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             line = next((line for line in cpuinfo if line.split(":", 1)[0].strip() == field), "")
@@ -56,13 +57,8 @@ def _cpuinfo(field: str) -> str:
 def cpu_has(*flags: str) -> bool:
     """Whether this CPU has every one of ``flags`` ("avx2", "fma", "avx512f"...), as Linux lists them in
     /proc/cpuinfo; False where that file cannot be read (another OS)."""
-    found = _cpuinfo("flags").split()
+    found = cpu_info("flags").split()
     return all(flag in found for flag in flags)
-
-
-def cpu_vendor() -> str:
-    """This CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"); "" where unknown."""
-    return _cpuinfo("vendor_id")
 
 
 if os.environ.get("VITLAB_PIN_CPU", "1") != "0" and cpu_has("avx2", "fma"):

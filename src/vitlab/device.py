@@ -7,6 +7,7 @@ import platform
 
 import torch
 
+from vitlab import cpu_info
 from vitlab.errors import VitlabError
 
 
@@ -34,12 +35,6 @@ def hardware_description(device: str) -> str:
         return torch.cuda.get_device_name(0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     capability = torch.backends.cpu.get_cpu_capability()
-    return f"{_cpu_model()}, {cores} CPU cores, {torch.get_num_threads()} threads, {capability}"
+    model = cpu_info("model name") or platform.processor() or platform.machine()
+    return f"{model}, {cores} CPU cores, {torch.get_num_threads()} threads, {capability}"
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
