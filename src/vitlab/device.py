@@ -37,4 +37,3 @@ def hardware_description(device: str) -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     model = cpu_info("model name") or platform.processor() or platform.machine()
     return f"{model}, {cores} CPU cores, {torch.get_num_threads()} threads, {capability}"
-
