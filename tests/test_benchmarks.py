@@ -1,6 +1,7 @@
 """The training benchmarks' own arithmetic, and smoke runs of them (their figures are not tested: speed
 belongs to the benchmark, never to a unit test)."""
 
+import json
 import os
 import re
 import subprocess
@@ -107,3 +108,33 @@ def test_importing_vitlab_makes_openmp_threads_sleep_unless_the_user_chose(env, 
     probe = "import os, vitlab; print(os.environ.get('OMP_WAIT_POLICY'))"
     done = subprocess.run([sys.executable, "-c", probe], env=base | env, capture_output=True, text=True)
     assert done.stdout.strip() == str(expected)
+
+
+SHARED = BENCHMARKS.parents[1] / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_the_full_data_benchmark_keeps_every_run_and_makes_the_study_table(tmp_path):
+    """A smoke run on the CIFAR-10 subset (the full archive takes the same path, 10x longer to extract); a
+    second call finds every run done and trains nothing."""
+    subset = SHARED / "cifar-10-subset-python.tar.gz"
+    if not subset.exists():
+        pytest.skip(f"{subset} not found (the real CIFAR-10 subset; see ../shared/data/README.md)")
+    full_data = load_benchmark("full_data")
+    command = [sys.executable, str(BENCHMARKS / "full_data.py"), "--quick", "--budgets", "1"]
+    command += ["--data", str(subset), "--md5", "91ae8aa50275d155e103205bccbd1642"]
+    command += ["--runs", *full_data.STUDY, "--out", str(tmp_path / "full"), "--study-dir", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads((tmp_path / "full.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == list(full_data.STUDY)
+    for row in rows:
+        assert row["test_accuracy_low"] <= row["test_accuracy"] <= row["test_accuracy_high"]
+        assert len(row["predicted"]) == len(row["losses"]) == 512 and row["epochs"] > 0
+        assert row["train_params"]["time_budget_s"] == 1
+    table = (tmp_path / "study-1s" / "table.md").read_text()
+    assert "vs cnn-small: Δ accuracy (95% CI)" in table and "| vit-p2 | vit-p2 | 2 |" in table
+    assert (tmp_path / "full.md").read_text() in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and " ..." not in again.stderr  # nothing trained the second time
+    assert json.loads((tmp_path / "full.json").read_text())["rows"] == rows

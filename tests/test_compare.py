@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,13 @@ def test_write_comparison_writes_the_tables_and_plots(study, tmp_path):
 
     assert_picture(out / "accuracy_vs_patch.png", (700, 450))
     assert_picture(out / "val_curves.png", (1200, 450))
+
+
+def test_runs_without_a_validation_split_get_no_validation_curves(study, tmp_path):
+    """Runs trained on every training image (the full-data benchmark) have no validation history."""
+    no_val = [replace(r, history=r.history[["epoch"]]) for r in study]
+    compare.write_comparison(no_val, tmp_path, resamples=1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_patch.png", "table.csv", "table.md"]
 
 
 def test_parse_record_reads_the_files_a_run_leaves():

@@ -332,14 +332,16 @@ def write_comparison(
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> list[ComparisonRow]:
-    """table.csv, table.md, accuracy_vs_patch.png and val_curves.png in ``out_dir``; returns the rows."""
+    """table.csv, table.md, accuracy_vs_patch.png and, when a run has a validation history, val_curves.png
+    in ``out_dir``; returns the rows."""
     out_dir = Path(out_dir)
     baseline = pick_baseline(records, baseline)
     rows = compare_runs(records, baseline, resamples=resamples, seed=seed)
     files.write_text(out_dir / "table.csv", table_csv(rows, baseline))
     files.write_text(out_dir / "table.md", table_markdown(rows, baseline, resamples, seed))
     plot_accuracy_vs_patch(rows, out_dir / "accuracy_vs_patch.png")
-    plot_val_curves(records, out_dir / "val_curves.png")
+    if any("val_accuracy" in record.history.columns for record in records):
+        plot_val_curves(records, out_dir / "val_curves.png")
     return rows
 
 

@@ -1,0 +1,247 @@
+"""The real benchmark: the full CIFAR-10 (50,000 training / 10,000 test images) at fixed wall-clock budgets.
+
+    python benchmarks/full_data.py                          # every run at 10 and 30 minutes: about 4.5 hours
+    python benchmarks/full_data.py --budgets 600            # the 10-minute column and the study: 1.2 hours
+    python benchmarks/full_data.py --screen                 # choose vit-best on a validation split: 11 min
+    python benchmarks/full_data.py --budgets 2 --quick      # smoke run: 2 s budgets on 1,024 / 512 images
+
+Each model is trained from the same seed for a wall-clock budget on all 50,000 training images (no
+validation split: the last weights are tested), on this machine's CPU cores, then tested on all 10,000 test
+images. Training is ``vitlab.train.train`` with ``time_budget_s`` and the recipe of
+``benchmarks/time_to_accuracy.py`` (``OURS``: batch and peak learning rate per model, chosen on the CIFAR-10
+subset), with one change: no RandAugment for the ViTs, since a 10-minute budget is 7-10 epochs of the full
+data, where RandAugment cost tinyvit 3.3 points on the subset.
+
+The runs:
+
+- ``cnn-small``, ``resnet`` (ResNet-20) and ``tinyvit`` (ViT, patch 4), the presets;
+- ``vit-p2`` and ``vit-p8``: tinyvit's shape on 2x2 and 8x8 patches, for the seeds' CNN-vs-ViT study (CNN
+  and ViT patch 2/4/8 at an equal budget: ``cnn-small``, ``vit-p2``, ``tinyvit``, ``vit-p8``);
+- ``vit-best``: the best ViT configuration vitlab has, chosen by ``--screen`` on a validation split (see
+  ``SCREEN``).
+
+Each run is appended to ``--out``.json as soon as it ends, with its per-image predictions, so an interrupted
+benchmark loses at most the run in progress and a restart skips the runs already there. From the file it
+writes ``--out``.md (accuracy with its 95% BCa bootstrap interval, epochs, img/s) and, for every budget at
+which the study's four runs exist, ``vitlab compare``'s table and plots in ``--study-dir``/BUDGET/ (paired
+differences to the CNN). Budgets are wall-clock: run it on an otherwise idle machine, with
+``VITLAB_PIN_CPU=0`` for the CPU's fastest code (vitlab's CPU pins cost speed; README, "Across CPUs").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from time_to_accuracy import COMMON, EPOCH_CAP, OURS, load_subset
+
+from vitlab import files
+from vitlab.checkpoint import Normalization
+from vitlab.compare import RunRecord, write_comparison
+from vitlab.data.prepared import PreparedDataset
+from vitlab.device import hardware_description
+from vitlab.evaluate import evaluate
+from vitlab.models import build_model, count_parameters, preset_config
+from vitlab.params import TrainParams
+from vitlab.stats import bootstrap_ci
+from vitlab.train import split_train_val, train
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = REPO.parent / "shared/data/cifar-10-full-python.tar.gz"
+FULL_MD5 = "a3ac126cd5a9d0f3403886809dfa994e"  # the re-packed archive (../shared/data/README.md)
+# name -> (preset, keys changed beside it, the OURS recipe it trains with)
+RUNS: dict[str, tuple[str, dict, str]] = {
+    "cnn-small": ("cnn-small", {}, "cnn-small"),
+    "resnet": ("resnet", {}, "resnet"),
+    "tinyvit": ("tinyvit", {}, "tinyvit"),
+    "vit-best": ("tinyvit", {"stem": "conv", "pool": "mean"}, "tinyvit"),  # --screen chose it
+    "vit-p2": ("tinyvit", {"patch_size": 2}, "tinyvit"),
+    "vit-p8": ("tinyvit", {"patch_size": 8}, "tinyvit"),
+}
+STUDY = ("cnn-small", "vit-p2", "tinyvit", "vit-p8")
+BUDGETS = (600, 1800)
+# The ViT configurations --screen compares: each trained for SCREEN_BUDGET_S on 45,000 training images and
+# scored on the other 5,000 (the test images are not read), at the same budget as the runs, since a slower
+# model sees fewer images. Candidates: the options vitlab has for small data (README, "Models").
+SCREEN = {
+    "tinyvit": {},
+    "mean-pool": {"pool": "mean"},
+    "conv-stem": {"stem": "conv", "pool": "mean"},
+    "sincos": {"pos_embed": "sincos", "pool": "mean"},
+}
+SCREEN_BUDGET_S = 150
+
+
+def recipe(name: str, budget_s: float) -> TrainParams:
+    """The train section of OURS[name] for a ``budget_s``-second run on the CPU."""
+    return TrainParams(epochs=EPOCH_CAP, time_budget_s=budget_s, device="cpu", **OURS[name], **COMMON)
+
+
+def run(name: str, budget_s: float, data: PreparedDataset, norm: Normalization) -> dict:
+    """Train run ``name`` for ``budget_s`` seconds and test it: its row of the results file."""
+    preset, changes, recipe_name = RUNS[name]
+    arch, config = preset_config(preset, **changes)
+    torch.manual_seed(0)
+    model = build_model(arch, config | {"num_classes": data.num_classes})
+    params = recipe(recipe_name, budget_s)
+    load_before = os.getloadavg()[0]
+    result = train(model, data.train, None, norm, params)
+    images = sum(row["images"] for row in result.history)
+    scores = evaluate(model, data.test, norm, data.num_classes)
+    correct = (scores.predictions == data.test.labels).astype(float)
+    accuracy = bootstrap_ci(correct)
+    return {
+        "run": name,
+        "preset": preset,
+        "changes": changes,
+        "arch": arch,
+        "patch_size": config.get("patch_size") if arch == "vit" else None,
+        "parameters": count_parameters(model),
+        "budget_s": budget_s,
+        "train_s": round(result.wall_time_s, 1),
+        "epochs": round(images / len(data.train), 2),
+        "images_per_s": round(images / result.wall_time_s, 1),
+        "load_before": round(load_before, 2),  # 1-minute load average as the run started: ~0 when idle
+        "test_accuracy": round(accuracy.estimate, 4),
+        "test_accuracy_low": round(accuracy.low, 4),
+        "test_accuracy_high": round(accuracy.high, 4),
+        "test_loss": round(scores.loss, 4),
+        "train_params": params.model_dump(),
+        # Per-image results, so that the paired study table can be made again without the models.
+        "predicted": "".join(map(str, scores.predictions.tolist())),
+        "losses": [round(float(x), 5) for x in scores.losses],
+    }
+
+
+def screen(data: PreparedDataset, budget_s: float, out: Path) -> dict[str, float]:
+    """Validation accuracy of each SCREEN configuration of tinyvit after ``budget_s`` seconds of training;
+    written to ``out`` (JSON) as each one ends."""
+    train_split, val_split = split_train_val(data.train, 0.1, seed=0)
+    norm = Normalization.from_images(train_split.images)
+    scores = json.loads(out.read_text()) if out.exists() else {}
+    for name, changes in SCREEN.items():
+        if name in scores:
+            continue
+        arch, config = preset_config("tinyvit", **changes)
+        torch.manual_seed(0)
+        model = build_model(arch, config | {"num_classes": data.num_classes})
+        params = recipe("tinyvit", budget_s)
+        history = train(model, train_split, None, norm, params).history
+        accuracy = evaluate(model, val_split, norm, data.num_classes).accuracy
+        epochs = sum(row["images"] for row in history) / len(train_split)
+        scores[name] = {"changes": changes, "val_accuracy": round(accuracy, 4), "epochs": round(epochs, 2)}
+        scores[name] |= {"budget_s": budget_s, "hardware": hardware_description("cpu")}
+        print(name, scores[name], file=sys.stderr, flush=True)
+        files.write_json(out, scores)
+    return scores
+
+
+def record(row: dict, labels: np.ndarray, class_names: list[str]) -> RunRecord:
+    """``vitlab compare``'s view of a results row (its per-image predictions; no validation history)."""
+    predicted = np.array([int(c) for c in row["predicted"]])
+    frame = pd.DataFrame(
+        {
+            "index": np.arange(len(labels)),
+            "label": [class_names[i] for i in labels],
+            "predicted": [class_names[i] for i in predicted],
+            "confidence": np.nan,
+            "correct": (predicted == labels).astype(int),
+            "loss": row["losses"],
+        }
+    )
+    epochs = pd.DataFrame({"epoch": range(1, int(np.ceil(row["epochs"])) + 1)})
+    return RunRecord(row["run"], row["run"], row["arch"], row["patch_size"], row["parameters"], frame, epochs)
+
+
+def label(budget_s: float) -> str:
+    return f"{budget_s / 60:g} min" if budget_s >= 60 else f"{budget_s:g} s"
+
+
+def markdown(rows: list[dict], settings: dict) -> str:
+    """The results table: one line per run, one column group per budget."""
+    budgets = sorted({row["budget_s"] for row in rows})
+    by_key = {(r["run"], r["budget_s"]): r for r in rows}
+    head = " | ".join(f"{label(b)}: test accuracy (95% CI) | epochs | img/s" for b in budgets)
+    lines = [
+        f"Full CIFAR-10: trained on {settings['train_images']:,} images for a wall-clock budget, tested on "
+        f"{settings['test_images']:,}; {settings['hardware']}, torch {settings['torch']}. Intervals: BCa "
+        "bootstrap over the test images.",
+        "",
+        f"| run | parameters | {head} |",
+        "| --- | ---: |" + " ---: | ---: | ---: |" * len(budgets),
+    ]
+    for name in RUNS:
+        cells = []
+        for budget in budgets:
+            row = by_key.get((name, budget))
+            if row is None:
+                cells += ["", "", ""]
+                continue
+            low, high = row["test_accuracy_low"], row["test_accuracy_high"]
+            cells += [f"{row['test_accuracy']:.1%} [{low:.1%}, {high:.1%}]", f"{row['epochs']:.1f}"]
+            cells.append(f"{row['images_per_s']:,.0f}")
+        parameters = next((r["parameters"] for r in rows if r["run"] == name), None)
+        if parameters is not None:
+            lines.append(f"| {name} | {parameters:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="seconds")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--data", type=Path, default=FULL, help="the full CIFAR-10 archive")
+    parser.add_argument("--md5", default=FULL_MD5)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/full_data")
+    parser.add_argument("--study-dir", type=Path, default=REPO / "reports/full_data")
+    parser.add_argument("--screen", action="store_true", help="compare the SCREEN ViTs on a validation split")
+    parser.add_argument("--quick", action="store_true", help="1,024 train / 512 test images (smoke run)")
+    args = parser.parse_args(argv)
+    if not args.data.exists():
+        sys.exit(f"error: {args.data} not found (the full CIFAR-10 archive; see ../shared/data/README.md)")
+    data = load_subset(args.data, args.md5, args.quick)
+    if args.screen:
+        budget = SCREEN_BUDGET_S if not args.quick else 2
+        print(json.dumps(screen(data, budget, args.out.with_name(args.out.name + "_screen.json")), indent=1))
+        return 0
+    norm = Normalization.from_images(data.train.images)
+    settings = {
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "hardware": hardware_description("cpu"),
+        "torch": torch.__version__,
+    }
+    results = args.out.with_suffix(".json")
+    saved = json.loads(results.read_text()) if results.exists() else {"settings": settings, "rows": []}
+    if saved["settings"] != settings:
+        sys.exit(f"error: {results} holds runs measured with {saved['settings']}; use another --out")
+    rows = saved["rows"]
+    for budget in args.budgets:
+        for name in args.runs:
+            if any(r["run"] == name and r["budget_s"] == budget for r in rows):
+                continue
+            print(f"{name}, {label(budget)} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            rows.append(run(name, budget, data, norm))
+            brief = {k: v for k, v in rows[-1].items() if k not in ("predicted", "losses", "train_params")}
+            print(f"{json.dumps(brief)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            files.write_json(results, {"settings": settings, "rows": rows})
+            files.write_text(args.out.with_suffix(".md"), markdown(rows, settings))
+    for budget in sorted({r["budget_s"] for r in rows}):
+        study = [r for r in rows if r["budget_s"] == budget and r["run"] in STUDY]
+        if len(study) == len(STUDY):
+            records = [record(r, data.test.labels, data.class_names) for r in study]
+            write_comparison(records, args.study_dir / f"study-{label(budget).replace(' ', '')}", "cnn-small")
+    print(markdown(rows, settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
