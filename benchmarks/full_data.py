@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from time_to_accuracy import COMMON, EPOCH_CAP, OURS, load_subset
+from time_to_accuracy import COMMON, EPOCH_CAP, OURS, label, load_subset, saved_rows
 
 from vitlab import files
 from vitlab.checkpoint import Normalization
@@ -160,10 +160,6 @@ def record(row: dict, labels: np.ndarray, class_names: list[str]) -> RunRecord:
     return RunRecord(row["run"], row["run"], row["arch"], row["patch_size"], row["parameters"], frame, epochs)
 
 
-def label(budget_s: float) -> str:
-    return f"{budget_s / 60:g} min" if budget_s >= 60 else f"{budget_s:g} s"
-
-
 def markdown(rows: list[dict], settings: dict) -> str:
     """The results table: one line per run, one column group per budget."""
     budgets = sorted({row["budget_s"] for row in rows})
@@ -219,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     results = args.out.with_suffix(".json")
-    saved = json.loads(results.read_text()) if results.exists() else {"settings": settings, "rows": []}
-    if saved["settings"] != settings:
-        sys.exit(f"error: {results} holds runs measured with {saved['settings']}; use another --out")
-    rows = saved["rows"]
+    rows = saved_rows(results, settings)
     for budget in args.budgets:
         for name in args.runs:
             if any(r["run"] == name and r["budget_s"] == budget for r in rows):

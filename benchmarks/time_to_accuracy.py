@@ -167,6 +167,15 @@ def markdown(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def saved_rows(results: Path, settings: dict) -> list[dict]:
+    """The rows already in ``results`` (JSON), to be extended; none if it does not exist. Exits with an error
+    when they were measured with other ``settings`` (data, hardware, torch), which would mix two machines."""
+    saved = json.loads(results.read_text()) if results.exists() else {"settings": settings, "rows": []}
+    if saved["settings"] != settings:
+        sys.exit(f"error: {results} holds rows measured with {saved['settings']}; use another --out")
+    return saved["rows"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[60, 180, 600], help="seconds")
@@ -189,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     results = args.out.with_suffix(".json")
-    saved = json.loads(results.read_text()) if results.exists() else {"settings": settings, "rows": []}
-    if saved["settings"] != settings:
-        sys.exit(f"error: {results} holds rows measured with {saved['settings']}; use another --out")
-    rows = saved["rows"]
+    rows = saved_rows(results, settings)
     done = {(r["model"], r["recipe"], r["budget_s"]) for r in rows}
     for budget in args.budgets:
         for name in args.models:
