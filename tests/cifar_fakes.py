@@ -5,10 +5,11 @@
     md5 = make_cifar_archive(tmp_path / "c10.tar.gz", n_train=50, n_test=20)
     md5 = make_cifar_archive(path, DATASETS["cifar100"], mutate=lambda files: files.pop("test"))
     ds = make_dataset(n_train=200, n_test=50, num_classes=10)
+    split = separable_split(256)  # two classes a model learns in a few steps
     payload = dump_pickle(as_bytes(official_files()["data_batch_1"]), protocol=2, numpy1=True)
 
 Images are uniform random bytes (pixel mean ~127, std ~74: inside the default validation thresholds), every
-image distinct, labels balanced (``i % num_classes``, shuffled).
+image distinct, labels balanced (``i % num_classes``, shuffled); ``separable_split``'s are dark or bright.
 """
 
 from __future__ import annotations
@@ -202,3 +203,12 @@ def make_dataset(
         class_names=[f"class_{i}" for i in range(num_classes)],
         info={"dataset": "fake", "num_classes": num_classes} | (info or {}),
     )
+
+
+def separable_split(n: int, seed: int = 0) -> Split:
+    """Two classes a linear model can tell apart: dark images vs bright images, with noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    base = np.where(labels[:, None, None, None] == 1, 170, 80)
+    images = np.clip(base + rng.normal(0, 30, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+    return Split(images, labels.astype(np.int64))

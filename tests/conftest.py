@@ -7,6 +7,18 @@ import pytest
 import vitlab  # noqa: F401  (before any test imports torch: it sets OpenMP's wait policy, as every entry point)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip on a machine without a CUDA device (CI's, the developers')."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs it on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_or_telemetry(monkeypatch):
     """Tests never talk to W&B or DVC's analytics; a test that checks tracking modes sets its own."""

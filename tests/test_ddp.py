@@ -40,10 +40,65 @@ torch.save({{"history": result.history, "weights": model.state_dict()}},
 """
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+# One process on argv[2] ("cpu", "auto"...): trains and saves what it ends with, the backend of its process
+# group (None outside torchrun) and what World.wrap made of the model, under argv[1] as alone.pt.
+CHILD_ALONE = f"""
+import sys, torch
+import torch.distributed as dist
+from cifar_fakes import make_dataset
+from vitlab import distributed
+from vitlab.checkpoint import Normalization
+from vitlab.models import build_model
+from vitlab.params import TrainParams
+from vitlab.train import train
+
+wrap, wrapped, backends = distributed.World.wrap, [], []
+
+def recording_wrap(world, model):
+    net = wrap(world, model)
+    wrapped.append(type(net).__name__)
+    return net
+
+distributed.World.wrap = recording_wrap
+torch.set_num_threads(1)
+data = make_dataset(n_train=64, num_classes=4).train
+torch.manual_seed(0)
+model = build_model("vit", {TINY_VIT!r})
+params = TrainParams(**{CONFIG!r} | {{"device": sys.argv[2]}})
+result = train(model, data, None, Normalization.from_images(data.images), params,
+               on_epoch=lambda row: backends.append(dist.get_backend() if dist.is_initialized() else None))
+torch.save({{"history": result.history, "weights": model.state_dict(), "device": result.device,
+            "wrapped": wrapped, "backends": backends}}, f"{{sys.argv[1]}}/alone.pt")
+"""
+
+
+def _env() -> dict[str, str]:
+    """The children's environment: cifar_fakes importable, beside whatever makes vitlab importable here."""
+    path = os.pathsep.join([str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return subprocess.run([*command, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def train_alone(folder: Path, device: str, under_torchrun: bool) -> dict:
+    """What one process trained on ``device`` (CHILD_ALONE), under ``torchrun --nproc_per_node=1`` or as a
+    plain ``python`` run, in a subfolder of ``folder``."""
+    work = folder / ("torchrun" if under_torchrun else "python")
+    work.mkdir()
+    script = work / "alone.py"
+    script.write_text(CHILD_ALONE)
+    args = [str(script), str(work), device]
+    if under_torchrun:
+        run = _torchrun(args, work, processes=1)
+    else:
+        run = subprocess.run(
+            [sys.executable, *args], cwd=work, env=_env(), capture_output=True, text=True, timeout=120
+        )
+    assert run.returncode == 0, run.stderr
+    return torch.load(work / "alone.pt", weights_only=True)
 
 
 def _without_key_bias(qkv_bias: torch.Tensor) -> torch.Tensor:
@@ -104,6 +159,17 @@ def test_two_processes_stay_in_sync_and_match_one_process_with_the_same_global_b
         assert ddp_row["train_accuracy"] == row["train_accuracy"]
     # Rank 0 alone reports the epochs.
     assert run.stderr.count("epoch 3/3") == 1
+
+
+def test_one_process_under_torchrun_trains_through_ddp_and_gloo_as_a_plain_run_would(tmp_path):
+    alone = train_alone(tmp_path, "cpu", under_torchrun=True)
+    assert alone["wrapped"] == ["DistributedDataParallel"]
+    assert alone["backends"] == ["gloo"] * CONFIG["epochs"]
+    plain = train_alone(tmp_path, "cpu", under_torchrun=False)
+    assert plain["wrapped"] == ["ViT"] and plain["backends"] == [None] * CONFIG["epochs"]
+    # A group of one averages each gradient over one process: the very same weights as without the group.
+    assert _measured(alone["history"]) == _measured(plain["history"])
+    assert all(torch.equal(alone["weights"][k], w) for k, w in plain["weights"].items())
 
 
 def test_the_train_stage_under_torchrun_writes_its_outputs_from_rank_0(tmp_path):

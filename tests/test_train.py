@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cifar_fakes import make_dataset
+from cifar_fakes import make_dataset, separable_split
 
 from vitlab import train as train_module
 from vitlab.checkpoint import Normalization
@@ -22,15 +22,6 @@ from vitlab.evaluate import evaluate
 from vitlab.models import build_model
 from vitlab.params import TrainParams, parse_params
 from vitlab.train import split_train_val, train, warmup_cosine
-
-
-def _separable_split(n: int, seed: int = 0) -> Split:
-    """Two classes a linear model can tell apart: dark images vs bright images, with noise."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    base = np.where(labels[:, None, None, None] == 1, 170, 80)
-    images = np.clip(base + rng.normal(0, 30, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
-    return Split(images, labels.astype(np.int64))
 
 
 def test_split_train_val_is_seeded_disjoint_and_complete():
@@ -52,7 +43,7 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_training_learns_a_separable_problem_and_keeps_the_best_epoch():
-    data = _separable_split(256)
+    data = separable_split(256)
     tr, va = split_train_val(data, 0.25, 0)
     norm = Normalization.from_images(tr.images)
     model = build_model("mlp", {"num_classes": 2, "hidden": [32]})
@@ -96,7 +87,7 @@ def _run(spec: tuple[str, dict], data: Split, **options) -> tuple[list[dict], di
     ids=["vit", "vit-every-augmentation", "cnn-every-augmentation"],
 )
 def test_same_seed_gives_identical_training_on_cpu(spec, options):
-    data = _separable_split(128, seed=1)
+    data = separable_split(128, seed=1)
     (h1, w1), (h2, w2) = _run(spec, data, **options), _run(spec, data, **options)
     assert h1 == h2
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -105,7 +96,7 @@ def test_same_seed_gives_identical_training_on_cpu(spec, options):
 
 
 def test_bf16_autocast_trains_a_float32_model():
-    data = _separable_split(64, seed=2)
+    data = separable_split(64, seed=2)
     fp32, _ = _run(TINY_VIT, data, amp="off")
     bf16, weights = _run(TINY_VIT, data, amp="bf16")
     assert all(w.dtype == torch.float32 for w in weights.values())
@@ -116,7 +107,7 @@ def test_bf16_autocast_trains_a_float32_model():
 
 @pytest.mark.slow  # inductor compiles C++ kernels on a CPU: about 20 s
 def test_compiled_model_trains_like_the_eager_one():
-    data = _separable_split(64, seed=3)
+    data = separable_split(64, seed=3)
     spec = ("mlp", {"num_classes": 2, "hidden": [8]})
     (eager, w_eager), (compiled, w_compiled) = _run(spec, data), _run(spec, data, compile=True)
     assert w_compiled.keys() == w_eager.keys()  # the model itself, not the compiled wrapper
@@ -125,7 +116,7 @@ def test_compiled_model_trains_like_the_eager_one():
 
 
 def test_a_time_budget_stops_training_and_anneals_the_learning_rate_by_the_clock(capsys):
-    data = _separable_split(128, seed=4)
+    data = separable_split(128, seed=4)
     norm = Normalization.from_images(data.images)
     model = build_model(*TINY_VIT)
     train_params = TrainParams(
@@ -214,7 +205,7 @@ def _assert_no_state_of(epoch: int, state: Path) -> None:
 
 def test_a_diverging_run_stops_at_once_naming_the_step_and_the_params_to_change(tmp_path):
     error, seen, state = _diverging(
-        DIVERGING_VIT, _separable_split(128, seed=1), tmp_path, learning_rate=100, warmup_epochs=0
+        DIVERGING_VIT, separable_split(128, seed=1), tmp_path, learning_rate=100, warmup_epochs=0
     )
     found = DIVERGED.fullmatch(str(error))
     assert found, error
@@ -244,7 +235,7 @@ def test_a_nan_loss_names_its_own_step_however_often_the_check_reads(tmp_path, m
     # Every 3 steps: as on a GPU, where reading each step would stall it; the NaN of step 2 is read at 3.
     monkeypatch.setitem(train_module._CHECK_EVERY, "cpu", every)
     _poisoned_cross_entropy(monkeypatch, call=4 + 2)  # 4 steps an epoch: epoch 2, step 2
-    error, seen, state = _diverging(TINY_VIT, _separable_split(128, seed=1), tmp_path, epochs=3)
+    error, seen, state = _diverging(TINY_VIT, separable_split(128, seed=1), tmp_path, epochs=3)
     assert str(error).startswith("training diverged at epoch 2/3, step 2/4 (loss nan, gradient norm nan): ")
     assert DIVERGED.fullmatch(str(error))
     assert [row["epoch"] for row in seen] == [1]
@@ -256,7 +247,7 @@ def test_an_infinite_gradient_with_a_finite_loss_stops_training(tmp_path):
     model = build_model(*TINY_VIT)
     calls = iter(range(1, 10**6))
     model.head.weight.register_hook(lambda g: torch.full_like(g, math.inf) if next(calls) == 3 else g)
-    error, seen, state = _diverging(model, _separable_split(128, seed=1), tmp_path)
+    error, seen, state = _diverging(model, separable_split(128, seed=1), tmp_path)
     assert re.match(
         r"training diverged at epoch 1/2, step 3/4 \(loss \d\.\d+, gradient norm inf\): ", str(error)
     )
@@ -268,7 +259,7 @@ def test_weights_that_overflow_at_the_last_step_of_an_epoch_stop_training(tmp_pa
     # A weight decay past float32's range makes AdamW's decoupled decay overflow the weights, while the
     # loss and gradient of that step are finite: only the check of the weights at the epoch's end sees it.
     error, _, state = _diverging(
-        TINY_VIT, _separable_split(32, seed=1), tmp_path, batch_size=32, weight_decay=1e45, warmup_epochs=0
+        TINY_VIT, separable_split(32, seed=1), tmp_path, batch_size=32, weight_decay=1e45, warmup_epochs=0
     )
     assert re.match(
         r"training diverged at epoch 1/2, step 1/1 \(weights not finite after it; loss \d\.\d+, "
@@ -280,7 +271,7 @@ def test_weights_that_overflow_at_the_last_step_of_an_epoch_stop_training(tmp_pa
 
 def test_bf16_names_train_amp_among_the_params_to_change(tmp_path, monkeypatch):
     _poisoned_cross_entropy(monkeypatch, call=1)
-    error, _, _ = _diverging(TINY_VIT, _separable_split(32, seed=1), tmp_path, amp="bf16")
+    error, _, _ = _diverging(TINY_VIT, separable_split(32, seed=1), tmp_path, amp="bf16")
     assert ", set train.amp to off (now bf16) or check the data" in str(error)
 
 

@@ -4,7 +4,9 @@
 WORLD_SIZE (and the rendezvous address) in their environment. ``process_group`` joins them into one group
 (NCCL between GPUs, gloo between CPU processes); ``World.wrap`` puts the model in DistributedDataParallel,
 which averages the gradients over all processes at every step, so every process holds the same weights.
-Without those variables (a plain ``python`` run) everything here is the identity for one process.
+``--nproc_per_node=1`` is a group of one that still trains through DistributedDataParallel and the backend
+(what benchmarks/gpu_check.sh runs on a single GPU). Without those variables (a plain ``python`` run)
+everything here is the identity for one process.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ def is_main_process() -> bool:
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in training: ``rank`` (0-based), ``size`` (number of processes) and the
-    ``device`` it trains on; outside torchrun a world of one (rank 0, size 1)."""
+    """This process's place in training: ``rank`` (0-based), ``size`` (number of processes), the
+    ``device`` it trains on and whether it joined a process group (``grouped``: under torchrun, also with one
+    process); outside torchrun a world of one (rank 0, size 1) in no group."""
 
     rank: int
     size: int
     device: torch.device
+    grouped: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -42,10 +46,10 @@ class World:
         return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in DistributedDataParallel (Li et al., 2020, "PyTorch Distributed") when size > 1, else
-        ``model`` itself. ``model`` must already be on ``device``; the wrapper's state_dict keys gain a
+        """``model`` in DistributedDataParallel (Li et al., 2020, "PyTorch Distributed") in a process group,
+        else ``model`` itself. ``model`` must already be on ``device``; the wrapper's state_dict keys gain a
         ``module.`` prefix, so save the unwrapped model."""
-        if self.size == 1:
+        if not self.grouped:
             return model
         return DistributedDataParallel(
             model, device_ids=[self.device] if self.device.type == "cuda" else None
@@ -85,10 +89,9 @@ class World:
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[World]:
-    """The world this process trains in: under torchrun, a process group it joins (and leaves at the end
-    unless the caller had joined one already); else a world of one on ``device``."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    """The world this process trains in: under torchrun (WORLD_SIZE set, also to 1), a process group it joins
+    (and leaves at the end unless the caller had joined one already); else a world of one on ``device``."""
+    if "WORLD_SIZE" not in os.environ:
         yield World(0, 1, device)
         return
     if device.type == "cuda":  # one GPU per process, as torchrun numbers them on each node
@@ -98,7 +101,7 @@ def process_group(device: torch.device) -> Iterator[World]:
     if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        yield World(dist.get_rank(), dist.get_world_size(), device)
+        yield World(dist.get_rank(), dist.get_world_size(), device, grouped=True)
     finally:
         if joined:
             dist.destroy_process_group()
