@@ -135,3 +135,16 @@ def test_every_option_is_reproducible_and_leaves_the_global_rng_alone():
 def test_an_unknown_policy_is_a_clear_error():
     with pytest.raises(VitlabError, match="unknown augmentation policy 'trivial'"):
         BatchAugment(NORM, 10, "trivial")
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "autoaugment"])
+def test_policies_work_on_grayscale_batches(policy):
+    gray = Normalization((0.13,), (0.31,))  # MNIST's measured pixel mean and std, one channel
+    images = torch.randint(
+        0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    augment = BatchAugment(gray, 10, policy, crop_padding=2, flip=False)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):  # 80 groups of ops drawn: every op of either policy, many times over
+        x, _ = augment(images, torch.zeros(64), generator)
+        assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and x.isfinite().all()

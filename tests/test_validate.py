@@ -1,6 +1,6 @@
 import hashlib
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from vitlab.data.prepared import PreparedDataset, Split
 from vitlab.data.sources import DATASETS
 from vitlab.errors import VitlabError
 from vitlab.params import ValidateParams
-from vitlab.validate import ValidationThresholds, ensure_valid, image_table, validate_dataset
+from vitlab.validate import ensure_valid, image_table, validate_dataset
 
 SAMPLE = DATASETS["cifar10-sample"]
 
@@ -21,11 +21,7 @@ def sample_result(tmp_path_factory):
     folder = extract_archive(SAMPLE.url, tmp_path_factory.mktemp("sample") / "x")
     dataset = parse_cifar(folder, SAMPLE)
     dataset.info.update(expected_train=SAMPLE.num_train, expected_test=SAMPLE.num_test)
-    return validate_dataset(dataset, ValidationThresholds())
-
-
-def test_thresholds_have_the_fields_and_defaults_of_the_validate_params():
-    assert {f.name: f.default for f in fields(ValidationThresholds)} == ValidateParams().model_dump()
+    return validate_dataset(dataset, ValidateParams())
 
 
 def test_image_table_describes_each_image():
@@ -133,7 +129,7 @@ def _dark(ds: PreparedDataset) -> PreparedDataset:
 )
 def test_each_broken_dataset_fails_naming_exactly_the_broken_expectations(damage, failures, capsys):
     dataset = damage(make_dataset(n_train=200, n_test=50, num_classes=10, info={"expected_test": 50}))
-    result = validate_dataset(dataset, ValidationThresholds())
+    result = validate_dataset(dataset, ValidateParams())
     assert not result["success"]
     assert len(result["failed"]) == len(failures)
     for failure in failures:
@@ -147,11 +143,11 @@ def test_each_broken_dataset_fails_naming_exactly_the_broken_expectations(damage
 
 def test_thresholds_are_applied():
     dataset = make_dataset(n_train=200, n_test=50)
-    strict = ValidationThresholds(pixel_std_max=50.0, class_balance_tolerance=1.0)
+    strict = ValidateParams(pixel_std_max=50.0, class_balance_tolerance=1.0)
     result = validate_dataset(dataset, strict)
     assert {line.split(" observed")[0] for line in result["failed"]} == {
         "train: expect_column_mean_to_be_between(pixel_std)",
         "test: expect_column_mean_to_be_between(pixel_std)",
     }
-    allowed = ValidationThresholds(max_cross_split_duplicates=1)
+    allowed = ValidateParams(max_cross_split_duplicates=1)
     assert validate_dataset(_test_copies_train(dataset), allowed)["success"]

@@ -28,25 +28,26 @@ UNREADABLE = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel (RGB) input normalization on the 0-1 scale: ``x = (pixels / 255 - mean) / std``."""
+    """Per-channel input normalization on the 0-1 scale: ``x = (pixels / 255 - mean) / std``; one value per
+    channel (3 for RGB, 1 for grayscale)."""
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     @classmethod
     def from_images(cls, images: np.ndarray) -> Normalization:
-        """Per-channel statistics of uint8 (N, H, W, 3) images, on the 0-1 scale."""
+        """Per-channel statistics of uint8 (N, H, W, C) images, on the 0-1 scale."""
         pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
         return cls(tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist()))
 
     def to_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> normalized float32 (N, 3, H, W) on the images' device."""
+        """uint8 (N, H, W, C) -> normalized float32 (N, C, H, W) on the images' device."""
         return self.normalize(images.permute(0, 3, 1, 2))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> normalized float32 (N, 3, H, W) on the images' device."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        """uint8 (N, C, H, W) -> normalized float32 (N, C, H, W) on the images' device."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)  # one allocation, not 3
 
 
@@ -92,8 +93,13 @@ def save_torch(path: str | Path, payload: Any) -> None:
     files.write_bytes(path, buffer.getbuffer())
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", geometry: tuple[int, int] | None = None
+) -> Checkpoint:
     """Load a ``save_checkpoint`` file; weights_only=True: nothing but tensors and plain data is unpickled.
+
+    ``geometry``, the (image_size, channels) of the images the model is about to see (``Split.geometry``):
+    a model built for another is refused with a VitlabError, rather than failing inside its first layer.
 
     Raises VitlabError, naming the file, for one that is missing, unreadable or not a vitlab checkpoint; for
     weights that do not fit the architecture it names (the first missing, unexpected and misshapen keys, and
@@ -117,6 +123,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
         raise VitlabError(f"{path}: not a vitlab checkpoint (its state_dict is not a dict of tensors)")
     model = build_model(payload["arch"], payload["config"])
+    built_for = (model.config.image_size, model.config.in_channels)
+    if geometry is not None and tuple(geometry) != built_for:
+        raise VitlabError(
+            f"{path}: a model for {_geometry(*built_for)} images ({payload.get('dataset', 'unknown')}), not "
+            f"for these {_geometry(*geometry)} ones: train it on this dataset"
+        )
     unfit = f"{path}: weights do not fit a {payload['arch']} with config {payload['config']}"
     mismatch = _mismatch(model.state_dict(), weights)
     if mismatch:
@@ -184,6 +196,10 @@ def _wrapper_prefix(key: str) -> str:
     while found := next((p for p in _WRAPPER_PREFIXES if key.startswith(prefix + p)), None):
         prefix += found
     return prefix
+
+
+def _geometry(image_size: int, channels: int) -> str:
+    return f"{image_size}x{image_size}x{channels}"
 
 
 def _first(names: list[str], n: int = 3) -> str:

@@ -23,7 +23,7 @@ def predict_logits(
     batch_size: int,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 (N, 32, 32, 3) images, in eval mode, batch by batch."""
+    """Logits (N, classes) on the CPU for uint8 (N, H, W, C) images, in eval mode, batch by batch."""
     images = torch.as_tensor(images)
     with eval_mode(model):
         outputs = [
@@ -74,7 +74,7 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Score ``model`` on ``split`` (uint8 (N, 32, 32, 3) images, int64 labels) in eval mode, batch by batch
+    """Score ``model`` on ``split`` (uint8 (N, H, W, C) images, int64 labels) in eval mode, batch by batch
     on ``device``: mean cross-entropy, accuracy, per-class accuracy, the (classes, classes) confusion matrix
     (rows: true labels) and each image's prediction, confidence and loss."""
     logits = predict_logits(model, split.images, norm, batch_size, device)

@@ -24,7 +24,6 @@ from torch import nn
 
 from vitlab import files
 from vitlab.checkpoint import Normalization
-from vitlab.data import IMAGE_SIZE
 from vitlab.errors import VitlabError, one_line
 from vitlab.inference import Classifier
 from vitlab.models import describe_model, eval_mode, has_attention
@@ -32,10 +31,15 @@ from vitlab.models import describe_model, eval_mode, has_attention
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 ATTENTION_NAME = "attention"
-INPUT_LAYOUT = "NCHW float32 RGB 32x32, x = (pixels/255 - mean)/std"
 ATTENTION_LAYOUT = "(depth, N, heads, T, T) softmax weights; T = patches, + 1 with a CLS token (token 0)"
 QUANTIZATION_METHODS = ("weight_only", "static")
 WEIGHT_BLOCK_SIZE = 32  # input rows per weight scale (as llama.cpp's Q8_0); divides every ViT preset's widths
+
+
+def input_layout(image_size: int, channels: int) -> str:
+    """The ``input_layout`` metadata: ``NCHW float32 RGB 32x32, x = (pixels/255 - mean)/std`` for CIFAR."""
+    color = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+    return f"NCHW float32 {color} {image_size}x{image_size}, x = (pixels/255 - mean)/std"
 
 
 class _WithAttention(nn.Module):
@@ -59,7 +63,9 @@ def export_onnx(
     with_attention: bool = False,
     ort_fusions: bool = False,
 ) -> Path:
-    """Write ``model`` as a single-file ONNX graph images (N, 3, 32, 32) -> logits (N, classes), any N.
+    """Write ``model`` as a single-file ONNX graph images (N, C, S, S) -> logits (N, classes), any N, where
+    S x S x C is the geometry the model was built for (``config.image_size``, ``in_channels``), which the
+    metadata records (``image_size``, ``channels``, ``input_layout``) for ``vitlab.inference`` to read.
 
     ``with_attention`` adds a second output, ``attention`` (depth, N, heads, T, T), the weights of
     ``forward_with_attention``, to draw attention maps from ONNX Runtime; only a ViT has it.
@@ -71,11 +77,14 @@ def export_onnx(
     described = describe_model(model)
     if with_attention and not has_attention(model):
         raise VitlabError(f"{described['arch']} has no attention to export (with_attention needs a ViT)")
+    config = model.config
     props = {
         "class_names": json.dumps(list(class_names)),
         "mean": json.dumps(list(norm.mean)),
         "std": json.dumps(list(norm.std)),
-        "input_layout": INPUT_LAYOUT,
+        "image_size": str(config.image_size),
+        "channels": str(config.in_channels),
+        "input_layout": input_layout(config.image_size, config.in_channels),
         "arch": described["arch"],
         "config": json.dumps(described["config"]),
     }
@@ -88,7 +97,7 @@ def export_onnx(
 
     device = next(model.parameters()).device
     # Batch 2, not 1: torch.export specializes sizes 0 and 1, which would pin the batch axis.
-    example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    example = torch.randn(2, config.in_channels, config.image_size, config.image_size, device=device)
     # The exporter warns about its own internals (pytree deprecations, ...); none concerns the user.
     with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -211,7 +220,7 @@ def quantize_onnx(
     The price is batch-1 speed (0.7x fp32 on tinyvit, 2 cores; batch 256 within noise of fp32).
 
     "static": a QDQ graph (uint8 activations, int8 weights per tensor) whose activation ranges are fixed in
-    advance from ``calibration_images`` (uint8 (N, 32, 32, 3), real training images), by ONNX Runtime's
+    advance from ``calibration_images`` (uint8 (N, H, W, C), real training images), by ONNX Runtime's
     ``quantize_static``; batch-independent too, but every activation is rounded to a fixed range: on trained
     tinyvits its logits moved 0.2-0.45 from fp32's, 20-30x more than weight-only's, and 2-3% of top-1s.
     Quantizes Gemm layers too.
@@ -336,7 +345,7 @@ def compare_accuracy(
     """Top-1 accuracy of both models through the serving path (``Classifier``, CPU) on labelled images, and
     whether the int8 model answers each image the same alone as in a batch.
 
-    ``images`` uint8 (N, 32, 32, 3) RGB, ``labels`` int (N,). Both models run at ``batch_size``; the int8
+    ``images`` uint8 (N, H, W, C), ``labels`` int (N,). Both models run at ``batch_size``; the int8
     model runs again one image per call. Returns fp32_accuracy, int8_accuracy (at ``batch_size``),
     int8_accuracy_batch1, accuracy_delta_points (int8 at ``batch_size`` minus fp32, in points),
     top1_agreement (fp32 vs int8), batch_size, top1_batch_changes (images whose int8 top-1 differs between

@@ -28,7 +28,7 @@ GIF_DPI = 60  # the animation is for a glance: 780x216 frames keep a 40-epoch GI
 GIF_MAX_FRAMES = 60
 GIF_FRAME_MS = 120
 GIF_HOLD_MS = 2000  # the finished curves stay up before the loop restarts
-CELL_INCHES = 2.0  # one image panel: a 32x32 image upscaled ~6x
+CELL_INCHES = 2.0  # one image panel: a 32x32 image upscaled ~6x, a 28x28 one ~7x
 COLORBAR_INCHES = 0.8
 HEADING_INCHES = 0.5  # room for a two-line heading
 MISTAKE_INCHES = 1.6
@@ -214,12 +214,16 @@ def prediction_title(predicted: str, confidence: float, true: str) -> str:
 
 
 def show_image(ax: Axes, image: np.ndarray, title: str, interpolation: str = "lanczos") -> None:
-    """Draw ``image`` (H, W, 3) uint8 RGB on ``ax``, without axes, titled ``title`` (8 pt).
+    """Draw ``image``, uint8 (H, W, 3) RGB or (H, W, 1) grayscale (drawn in gray, 0 black and 255 white), on
+    ``ax``, without axes, titled ``title`` (8 pt).
 
     The default smoothing filter makes 32x32 pixels read as a picture; ``"nearest"`` draws each pixel as a
     square (any matplotlib ``imshow`` interpolation is accepted).
     """
-    ax.imshow(image, interpolation=interpolation)
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation=interpolation)
+    else:
+        ax.imshow(image, interpolation=interpolation)
     ax.set_title(title, fontsize=8)
     ax.set_axis_off()
 
@@ -244,7 +248,7 @@ def plot_overlays(
 
     Args:
         heading: the figure's title.
-        images: (N, H, W, 3) uint8 RGB.
+        images: (N, H, W, 3) uint8 RGB or (N, H, W, 1) grayscale.
         titles, correct: per image, its title and whether the prediction is right (green, else red).
         maps: (name, (N, h, w) float array in [0, 1]) per map column; h, w need not divide H, W.
         colorbar_label: what the color scale measures.

@@ -2,7 +2,8 @@
 
 This module imports numpy, Pillow, onnxruntime and the standard library only (vitlab.errors is plain Python),
 so a serving environment needs no torch. Everything the model needs besides its graph (class names, input
-normalization) is read from the ONNX file's metadata, written by ``vitlab.export``.
+geometry and normalization) is read from the ONNX file's metadata, written by ``vitlab.export``: any image
+is converted to what the model expects (32x32 RGB for CIFAR, 28x28 grayscale for MNIST).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from vitlab.data import IMAGE_SIZE
+from vitlab.data.sources import DATASETS, DEFAULT_DATASET
 from vitlab.errors import VitlabError, one_line
 
 # 64 megapixels covers any camera; beyond it a small file is most likely a decompression bomb. Checked here
@@ -32,6 +33,8 @@ _IDENTIFIED_ONLY = frozenset({"MPEG"})
 # Transparent pixels become white, as image viewers show them; CIFAR photos have no alpha, so any background
 # is a guess, and white is the one the user saw when looking at the file.
 ALPHA_BACKGROUND = (255, 255, 255)
+_DEFAULT_DATA = DATASETS[DEFAULT_DATASET]
+_MODES = {1: "L", 3: "RGB"}  # Pillow's mode for each channel count a model may take
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -60,11 +63,17 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext, name in Image.registered_extensions().items() if name in readable)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Any image Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP...) -> uint8 (32, 32, 3) RGB: EXIF-rotated,
-    alpha on white, center-cropped square, Lanczos-downsampled (antialiased). A 32x32 RGB image comes back
-    byte for byte. An image over MAX_PIXELS (or Pillow's own limit) is refused before it is decoded."""
+def load_image(
+    path: str | Path, image_size: int = _DEFAULT_DATA.image_size, channels: int = _DEFAULT_DATA.channels
+) -> np.ndarray:
+    """Any image Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP...) -> uint8 (image_size, image_size,
+    channels): EXIF-rotated, alpha on white, RGB (3 channels) or grayscale by ITU-R 601 luma (1 channel),
+    center-cropped square, Lanczos-resampled (antialiased). An image already of that size and mode comes back
+    byte for byte. An image over MAX_PIXELS (or Pillow's own limit) is refused before it is decoded; a
+    channel count other than 1 or 3 is a VitlabError."""
     path = Path(path)
+    if channels not in _MODES:
+        raise VitlabError(f"models take 1 (grayscale) or 3 (RGB) channels, not {channels}")
     if not path.is_file():
         raise VitlabError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -81,9 +90,9 @@ def load_image(path: str | Path) -> np.ndarray:
                     raise VitlabError(f"{path}: {width}x{height} image exceeds the {limit:,}-pixel limit")
                 # JPEGs decode at 1/2-1/8 scale (DCT scaling) while keeping 4x the output size: a 12 MP photo
                 # loads several times faster, and the Lanczos step still antialiases what is left.
-                image.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
+                image.draft(_MODES[channels], (4 * image_size, 4 * image_size))
                 image.load()
-                return _to_cifar(ImageOps.exif_transpose(image))
+                return _to_model_input(ImageOps.exif_transpose(image), image_size, channels)
     except UnidentifiedImageError:
         raise VitlabError(f"{path}: not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
@@ -92,7 +101,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise VitlabError(f"{path}: unreadable image ({error})") from None
 
 
-def _to_cifar(image: Image.Image) -> np.ndarray:
+def _to_model_input(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     if image.mode.startswith("I"):
         # 16-bit grayscale: Pillow's convert() clips to 0-255 instead of scaling, turning the image white.
         scaled = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
@@ -102,9 +111,10 @@ def _to_cifar(image: Image.Image) -> np.ndarray:
         image = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
         image.paste(rgba, mask=rgba.getchannel("A"))
     # Crop to a square first: squashing a wide photo distorts the object into shapes CIFAR never shows.
-    # At 32x32 already, Pillow's resize is a plain copy, so CIFAR-sized files pass through unchanged.
-    image = ImageOps.fit(image.convert("RGB"), (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
+    # At the model's size already, Pillow's resize is a plain copy, so dataset-sized files pass unchanged.
+    size = (image_size, image_size)
+    image = ImageOps.fit(image.convert(_MODES[channels]), size, Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
 
 
 def select_providers(choice: str = "auto") -> list[str]:
@@ -141,8 +151,9 @@ class Classifier:
     def __init__(self, model_path: str | Path, provider: str = "auto", threads: int | None = None):
         """Open ``model_path`` on ``provider`` (see ``select_providers``) with ``threads`` intra-op threads
         (None: ORT's default). Raises VitlabError naming the file when it is missing or not loadable, when
-        an explicitly chosen provider does not start, when its input is not float (N, 3, 32, 32), or when
-        its class_names/mean/std metadata is missing, invalid or disagrees with the number of logits."""
+        an explicitly chosen provider does not start, when its class_names/mean/std metadata is missing,
+        invalid or disagrees with the number of logits, or when its input is not float (N, channels,
+        image_size, image_size) as its image_size/channels metadata says."""
         path = Path(model_path)
         if not path.is_file():
             raise VitlabError(f"{path}: no such model file")
@@ -163,16 +174,27 @@ class Classifier:
             )
 
         inputs = self._session.get_inputs()
-        shape = [3, IMAGE_SIZE, IMAGE_SIZE]
-        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape)[1:] != shape:
-            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
-            raise VitlabError(f"{path}: expects input {found}, not a vitlab model (float N x 3 x 32 x 32)")
-        self._input_name = inputs[0].name
         meta = self._session.get_modelmeta().custom_metadata_map
         try:
+            # Files exported before the geometry was recorded are all 32x32 RGB, as their input's shape says.
+            self.image_size = int(meta.get("image_size", _DEFAULT_DATA.image_size))
+            self.channels = int(meta.get("channels", _DEFAULT_DATA.channels))
+        except ValueError as error:
+            raise VitlabError(
+                f"{path}: no valid vitlab metadata ({error!r}); export it with vitlab"
+            ) from None
+        shape = [self.channels, self.image_size, self.image_size]
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape)[1:] != shape:
+            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            expected = " x ".join(map(str, ["N", *shape]))
+            raise VitlabError(f"{path}: expects input {found}, not a vitlab model (float {expected})")
+        self._input_name = inputs[0].name
+        try:
             self._class_names = [str(name) for name in json.loads(meta["class_names"])]
-            self._mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(1, 1, 1, 3)
-            self._std = np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(1, 1, 1, 3)
+            self._mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(
+                1, 1, 1, self.channels
+            )
+            self._std = np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(1, 1, 1, self.channels)
         except (KeyError, ValueError, TypeError) as error:
             raise VitlabError(
                 f"{path}: no valid vitlab metadata ({error!r}); export it with vitlab"
@@ -189,10 +211,13 @@ class Classifier:
         return list(self._class_names)
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) RGB -> float64 class probabilities (N, classes)."""
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        """uint8 (N, image_size, image_size, channels) -> float64 class probabilities (N, classes);
+        VitlabError for other images (``load_image`` converts any file to what the model takes)."""
+        hwc = (self.image_size, self.image_size, self.channels)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != hwc:
+            expected = ", ".join(map(str, hwc))
             raise VitlabError(
-                f"predict expects uint8 images (N, 32, 32, 3), got {images.dtype} {images.shape}"
+                f"predict expects uint8 images (N, {expected}), got {images.dtype} {images.shape}"
             )
         if batch_size < 1:
             raise VitlabError(f"batch_size must be at least 1, got {batch_size}")
@@ -240,7 +265,7 @@ def classify_files(
         images: list[np.ndarray] = []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(load_image(path))
+                images.append(load_image(path, classifier.image_size, classifier.channels))
                 chunk.append(Prediction(str(path), [], []))
             except VitlabError as error:
                 # The reason alone: the Prediction already names the file.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -26,8 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from vitlab.data import IMAGE_SIZE
-from vitlab.data.sources import DATASETS
+from vitlab.data.sources import DATASETS, DEFAULT_DATASET, DatasetSpec
 from vitlab.errors import VitlabError, one_line
 from vitlab.presets import PRESETS
 
@@ -58,13 +57,17 @@ class Section(BaseModel):
 # --- The architectures' configs: each key of the model section, its default, its range and its rules -------
 
 
-class ArchConfig(Section):
-    """What every architecture takes from the dataset rather than from params.yaml, and the dropout all four
-    share. A checkpoint stores its model's config as a dict, so it rebuilds without params.yaml."""
+_DEFAULT_DATA = DATASETS[DEFAULT_DATASET]
 
-    num_classes: int = Field(10, gt=0)  # from the dataset
-    image_size: int = Field(IMAGE_SIZE, gt=0)  # height = width, in pixels
-    in_channels: int = Field(3, gt=0)
+
+class ArchConfig(Section):
+    """What every architecture takes from the dataset rather than from params.yaml (by default the default
+    dataset's), and the dropout all four share. A checkpoint stores its model's config as a dict, so it
+    rebuilds without params.yaml."""
+
+    num_classes: int = Field(_DEFAULT_DATA.num_classes, gt=0)
+    image_size: int = Field(_DEFAULT_DATA.image_size, gt=0)  # height = width, in pixels
+    in_channels: int = Field(_DEFAULT_DATA.channels, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability (vit: also attention)")
 
 
@@ -185,11 +188,13 @@ FROM_DATA = ("num_classes", "image_size", "in_channels")  # set from the dataset
 class DataParams(Section):
     """data: which dataset (or a verified mirror of it), and the seeded validation hold-out."""
 
-    dataset: DatasetName = "cifar10-sample"
+    dataset: DatasetName = DEFAULT_DATASET
     source: str | None = Field(
         None, description="URL or local path of an archive that replaces the dataset's official source"
     )
     # Either case is accepted (tools print md5s both ways) and stored lowercase, as the download compares it.
+    # Required for an archive whose files are not the official ones: the download stage says so, as only the
+    # files inside tell (vitlab.data.archive.prepare_dataset).
     md5: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{32}$", to_lower=True)] | None = Field(
         None, description="md5 of the archive at data.source (32 hex digits)"
     )
@@ -198,25 +203,58 @@ class DataParams(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
 
-    @model_validator(mode="after")
-    def _mirror_needs_md5(self) -> DataParams:
-        if self.source is not None and self.md5 is None:
-            raise ValueError("data.md5 is required when data.source is set (every archive is verified)")
-        return self
+
+def dataset_defaults(spec: DatasetSpec) -> dict[str, dict[str, Any]]:
+    """The keys whose null (or absence) means the dataset's value, by section, with ``spec``'s values: each
+    one is defined once, in the dataset's DatasetSpec."""
+    return {
+        "train": {"flip": spec.flip, "crop_padding": spec.crop_padding},
+        "validate": {
+            "pixel_mean_min": spec.pixel_mean[0],
+            "pixel_mean_max": spec.pixel_mean[1],
+            "pixel_std_min": spec.pixel_std[0],
+            "pixel_std_max": spec.pixel_std[1],
+        },
+    }
 
 
-class ValidateParams(Section):
-    """validate: the thresholds of the Great Expectations suite over the prepared data."""
+def _fill(raw: Any, defaults: dict[str, Any]) -> Any:
+    """A section's raw mapping with each of ``defaults``' keys that is null or absent set to its value."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        return raw  # not a mapping: the section reports it
+    return raw | {key: value for key, value in defaults.items() if raw.get(key) is None}
+
+
+class _FromDataset(Section):
+    """A section with keys whose null means the dataset's value (``dataset_defaults``). ``Params`` fills in
+    those of params.yaml's data.dataset; a section validated on its own takes the default dataset's."""
+
+    section: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dataset(cls, raw: Any) -> Any:
+        return _fill(raw, dataset_defaults(_DEFAULT_DATA)[cls.section])
+
+
+class ValidateParams(_FromDataset):
+    """validate: the thresholds of the Great Expectations suite over the prepared data; the pixel ranges
+    default to the dataset's (DatasetSpec.pixel_mean, pixel_std)."""
+
+    section: ClassVar[str] = "validate"
 
     class_balance_tolerance: float = Field(
         0.25,
         gt=0.0,
         description="each class's share of a split may differ from 1/num_classes by this fraction",
     )
-    pixel_mean_min: float = Field(90.0, ge=0.0, le=255.0)
-    pixel_mean_max: float = Field(160.0, ge=0.0, le=255.0)
-    pixel_std_min: float = Field(40.0, ge=0.0, le=255.0)
-    pixel_std_max: float = Field(90.0, ge=0.0, le=255.0)
+    # No defaults here: null or absent is the dataset's (_FromDataset).
+    pixel_mean_min: float = Field(ge=0.0, le=255.0, description="mean of the per-image mean pixel (0-255)")
+    pixel_mean_max: float = Field(ge=0.0, le=255.0)
+    pixel_std_min: float = Field(ge=0.0, le=255.0, description="mean of the per-image pixel std (0-255)")
+    pixel_std_max: float = Field(ge=0.0, le=255.0)
     max_cross_split_duplicates: int = Field(
         0, ge=0, description="test images allowed to be exact copies of a train image"
     )
@@ -270,23 +308,18 @@ class _ModelSection(Section):
         changed = {key: value for key, value in given.items() if not _is_default(cls, key, value)}
         return given | {"name": preset.arch} | preset.config | changed
 
-    @model_validator(mode="after")
-    def _check_architecture(self) -> _ModelSection:
-        """Only the keys the architecture reads: a resnet preset does not care about a stray model.dim."""
-        try:
-            self.config()
-        except ValidationError as error:
-            keys = "|".join(CONFIGS[self.name].model_fields)
-            messages = [e["msg"].removeprefix("Value error, ") for e in error.errors()]
-            named = [re.sub(rf"\b({keys})(=| has )", r"model.\1\2", m) for m in messages]
-            raise ValueError("; ".join(named)) from None
-        return self
+    def config(
+        self, num_classes: int | None = None, image_size: int | None = None, in_channels: int | None = None
+    ) -> ArchConfig:
+        """The config of architecture ``name`` from this section's keys, for data of ``num_classes`` classes
+        and ``image_size`` x ``image_size`` images of ``in_channels`` channels (None: the default dataset's).
 
-    def config(self, num_classes: int = 10) -> ArchConfig:
-        """The config of architecture ``name`` from this section's keys, for ``num_classes`` classes."""
+        Raises pydantic's ValidationError when the keys do not fit that data (``Params`` words it per key).
+        """
         config = CONFIGS[self.name]
+        data = zip(FROM_DATA, (num_classes, image_size, in_channels), strict=True)
         keys = [key for key in config.model_fields if key not in FROM_DATA]
-        return config(num_classes=num_classes, **{key: getattr(self, key) for key in keys})
+        return config(**{k: v for k, v in data if v is not None}, **{key: getattr(self, key) for key in keys})
 
 
 def _is_default(section: type[BaseModel], key: str, value: Any) -> bool:
@@ -311,8 +344,11 @@ ModelParams = create_model(
 )
 
 
-class TrainParams(Section):
-    """train: the optimizer, schedule, augmentation and run settings ``vitlab.train.train`` reads."""
+class TrainParams(_FromDataset):
+    """train: the optimizer, schedule, augmentation and run settings ``vitlab.train.train`` reads; the crop
+    padding and flips default to the dataset's (DatasetSpec.crop_padding, flip)."""
+
+    section: ClassVar[str] = "train"
 
     epochs: int = Field(40, gt=0)
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
@@ -320,8 +356,9 @@ class TrainParams(Section):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(3.0, ge=0.0, description="linear warmup, then cosine decay to 0")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    crop_padding: int = Field(4, ge=0, le=16)
-    flip: bool = True
+    # No defaults here: null or absent is the dataset's (_FromDataset).
+    crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
+    flip: bool = Field(description="random horizontal flips")
     augment: Literal["none", "randaugment", "autoaugment"] = Field(
         "none", description="policy on the uint8 images, batched on the device (torchvision v2)"
     )
@@ -403,6 +440,36 @@ class Params(Section):
     inference: InferenceParams = InferenceParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, raw: Any) -> Any:
+        """Null (or absent) keys of ``dataset_defaults`` take data.dataset's values."""
+        if not isinstance(raw, dict):
+            return raw
+        data = raw.get("data")
+        name = data.get("dataset", DEFAULT_DATASET) if isinstance(data, dict) else DEFAULT_DATASET
+        if not isinstance(name, str) or name not in DATASETS:
+            return raw  # data.dataset reports it
+        filled = dict(raw)
+        for section, defaults in dataset_defaults(DATASETS[name]).items():
+            key = "validate_" if section == "validate" and "validate_" in raw else section
+            filled[key] = _fill(raw.get(key), defaults)
+        return filled
+
+    @model_validator(mode="after")
+    def _model_fits_the_data(self) -> Params:
+        """Only the keys the architecture reads (a resnet preset does not care about a stray model.dim), for
+        data.dataset's classes and image geometry (a patch size must divide MNIST's 28)."""
+        spec = DATASETS[self.data.dataset]
+        try:
+            self.model.config(spec.num_classes, spec.image_size, spec.channels)
+        except ValidationError as error:
+            keys = "|".join(CONFIGS[self.model.name].model_fields)
+            messages = [e["msg"].removeprefix("Value error, ") for e in error.errors()]
+            named = [re.sub(rf"\b({keys})(=| has )", r"model.\1\2", m) for m in messages]
+            raise ValueError("; ".join(named)) from None
+        return self
 
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}

@@ -173,7 +173,7 @@ def train(
     """Train ``model`` in place with ``params`` (params.yaml's train section); at the end it holds the
     weights of the best validation epoch (the last epoch's without ``val_split``).
 
-    ``train_split``/``val_split`` hold uint8 (N, 32, 32, 3) images and int64 labels; ``norm`` normalizes
+    ``train_split``/``val_split`` hold uint8 (N, H, W, C) images and int64 labels; ``norm`` normalizes
     them. ``on_epoch`` receives each epoch's row (epoch, lr, train_loss, train_accuracy, val_loss,
     val_accuracy, images_per_s, images) as soon as it is measured; a resumed run reports only the epochs it
     trains.

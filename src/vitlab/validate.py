@@ -2,8 +2,9 @@
 
 Each split becomes a table of per-image facts (label, shape, dtype, pixel statistics, content hash), and a
 GX suite checks what the training code silently assumes: labels in range, every class present and roughly
-balanced, 32x32 RGB uint8 images with plausible pixel statistics, the promised image counts, and no test
-image that is a copy of a training image.
+balanced, uint8 images of the dataset's size and channels (32x32 RGB for CIFAR, 28x28 grayscale for MNIST)
+with plausible pixel statistics, the promised image counts, and no test image that is a copy of a training
+image. The thresholds are params.yaml's ``validate`` section, whose pixel ranges default to the dataset's.
 """
 
 from __future__ import annotations
@@ -11,29 +12,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from vitlab.data import IMAGE_SIZE
 from vitlab.data.prepared import PreparedDataset, Split
+from vitlab.data.sources import DATASETS, DEFAULT_DATASET, DatasetSpec
 from vitlab.errors import VitlabError
+from vitlab.params import ValidateParams
 
 _STATS_CHUNK = 4096  # images per float64 block: bounds the temporary memory of the pixel statistics
-
-
-@dataclass(frozen=True)
-class ValidationThresholds:
-    """The tolerances of the suite; the field names are those of the ``validate`` section of params."""
-
-    class_balance_tolerance: float = 0.25
-    pixel_mean_min: float = 90.0
-    pixel_mean_max: float = 160.0
-    pixel_std_min: float = 40.0
-    pixel_std_max: float = 90.0
-    max_cross_split_duplicates: int = 0
 
 
 def image_table(split: Split, num_classes: int, train_hashes: set[str] | None = None) -> pd.DataFrame:
@@ -70,8 +59,11 @@ def image_table(split: Split, num_classes: int, train_hashes: set[str] | None = 
     )
 
 
-def validate_dataset(ds: PreparedDataset, thresholds: ValidationThresholds) -> dict[str, Any]:
-    """Run the suite on the train and test splits of ``ds``; return a JSON-able report.
+def validate_dataset(
+    ds: PreparedDataset, thresholds: ValidateParams, spec: DatasetSpec = DATASETS[DEFAULT_DATASET]
+) -> dict[str, Any]:
+    """Run the suite on the train and test splits of ``ds``, which should be dataset ``spec`` (its image size
+    and channels are expected); return a JSON-able report.
 
     The report is ``{"success", "splits": {name: {"success", "rows", "class_counts", "expectations"}},
     "failed"}``, where each expectation is ``{"expectation", "column", "kwargs", "success", "observed"}``
@@ -80,7 +72,7 @@ def validate_dataset(ds: PreparedDataset, thresholds: ValidationThresholds) -> d
     train = image_table(ds.train, ds.num_classes)
     test = image_table(ds.test, ds.num_classes, train_hashes=set(train["sha1"]))
     tables = {"train": train, "test": test}
-    runs = _run_suites(tables, ds.num_classes, thresholds, ds.info)
+    runs = _run_suites(tables, ds.num_classes, thresholds, spec, ds.info)
     splits = {
         name: {
             "success": all(e["success"] for e in runs[name]),
@@ -105,14 +97,16 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes).tolist()
 
 
-def _expectations(gx: Any, split: str, num_classes: int, t: ValidationThresholds, info: dict) -> list:
+def _expectations(
+    gx: Any, split: str, num_classes: int, t: ValidateParams, spec: DatasetSpec, info: dict
+) -> list:
     e = gx.expectations
     checks = [
         e.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=num_classes - 1),
         e.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(range(num_classes))),
-        e.ExpectColumnValuesToBeInSet(column="height", value_set=[IMAGE_SIZE]),
-        e.ExpectColumnValuesToBeInSet(column="width", value_set=[IMAGE_SIZE]),
-        e.ExpectColumnValuesToBeInSet(column="channels", value_set=[3]),
+        e.ExpectColumnValuesToBeInSet(column="height", value_set=[spec.image_size]),
+        e.ExpectColumnValuesToBeInSet(column="width", value_set=[spec.image_size]),
+        e.ExpectColumnValuesToBeInSet(column="channels", value_set=[spec.channels]),
         e.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
         e.ExpectColumnValuesToBeBetween(
             column="class_share",
@@ -137,7 +131,7 @@ def _expectations(gx: Any, split: str, num_classes: int, t: ValidationThresholds
 
 
 def _run_suites(
-    tables: dict[str, pd.DataFrame], num_classes: int, t: ValidationThresholds, info: dict
+    tables: dict[str, pd.DataFrame], num_classes: int, t: ValidateParams, spec: DatasetSpec, info: dict
 ) -> dict[str, list[dict[str, Any]]]:
     """Run one GX suite per table; return each table's expectation records, in a stable order."""
     # GX logs at INFO while importing and its own imports raise DeprecationWarnings: keep the stage's output
@@ -155,7 +149,9 @@ def _run_suites(
         for split, table in tables.items():
             batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe(split)
             suite = context.suites.add(
-                gx.ExpectationSuite(name=split, expectations=_expectations(gx, split, num_classes, t, info))
+                gx.ExpectationSuite(
+                    name=split, expectations=_expectations(gx, split, num_classes, t, spec, info)
+                )
             )
             run = gx.ValidationDefinition(data=batch, suite=suite, name=split).run(
                 batch_parameters={"dataframe": table}

@@ -1,8 +1,11 @@
-"""Turn a CIFAR "python version" archive into a PreparedDataset, safely.
+"""Turn a dataset's official files, an archive or a folder of them into a PreparedDataset, safely.
 
-Neither the archive nor its pickles are trusted: extraction refuses members that would land outside the
-target, and the batch files are read by an unpickler that can only rebuild numpy arrays, so a tampered
-mirror can at worst fail with a clear error, never run code.
+Neither the archive nor its files are trusted: extraction refuses members that would land outside the
+target, CIFAR's batch files are read by an unpickler that can only rebuild numpy arrays, and MNIST's idx
+files by numpy (vitlab.data.idx), so a tampered mirror can at worst fail with a clear error, never run code.
+After extraction every file is compared with its official md5 (``DatasetSpec.file_md5s``): a copy whose
+files are all official is the official data, whatever its archive's md5; any other copy is accepted only
+through the archive md5 the user gives (``data.md5``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from vitlab.data import IMAGE_SIZE
-from vitlab.data.download import fetch, source_name
+from vitlab.data.download import fetch, md5sum, source_name
+from vitlab.data.idx import read_mnist
 from vitlab.data.prepared import PreparedDataset, Split, save_prepared
 from vitlab.data.sources import SAMPLE_DIR, DatasetSpec
 from vitlab.errors import VitlabError
-
-# One image, channel-planar: 1024 R, 1024 G, 1024 B values, each plane 32x32 row-major.
-_ROW = 3 * IMAGE_SIZE * IMAGE_SIZE
 
 
 class _Refused(Exception):
@@ -190,10 +190,14 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
 def parse_cifar(folder: str | os.PathLike[str], spec: DatasetSpec) -> PreparedDataset:
     """Read the extracted archive at ``folder`` (which holds ``spec.folder``) into a PreparedDataset.
 
-    Images become uint8 (N, 32, 32, 3) HWC RGB, labels int64, in the order of ``spec``'s batch files.
-    ``info`` holds the dataset name and class count; the caller adds where the archive came from.
+    Images become uint8 (N, size, size, channels) HWC RGB (32x32x3 for CIFAR), labels int64, in the order
+    of ``spec``'s batch files. ``info`` holds the dataset name and class count; the caller adds where the
+    archive came from. Raises VitlabError naming the file that is missing, unsafe or malformed.
     """
-    root = Path(folder) / spec.folder
+    return _read_cifar(Path(folder) / spec.folder, spec)
+
+
+def _read_cifar(root: Path, spec: DatasetSpec) -> PreparedDataset:
     meta_path = root / spec.meta_file
     meta = _text_keys(load_pickle(meta_path), meta_path)
     names = meta.get(spec.names_key) if isinstance(meta, dict) else None
@@ -204,23 +208,25 @@ def parse_cifar(folder: str | os.PathLike[str], spec: DatasetSpec) -> PreparedDa
     if len(names) != spec.num_classes:
         raise VitlabError(f"{meta_path}: {len(names)} class names, {spec.name} has {spec.num_classes}")
     return PreparedDataset(
-        train=_read_split(root, spec.train_files, spec.label_key),
-        test=_read_split(root, spec.test_files, spec.label_key),
+        train=_read_split(root, spec.train_files, spec),
+        test=_read_split(root, spec.test_files, spec),
         class_names=names,
         info={"dataset": spec.name, "num_classes": len(names)},
     )
 
 
-def _read_split(root: Path, files: tuple[str, ...], label_key: str) -> Split:
-    batches = [_read_batch(root / name, label_key) for name in files]
+def _read_split(root: Path, files: tuple[str, ...], spec: DatasetSpec) -> Split:
+    # One image per row, channel-planar: CIFAR's 1024 R, 1024 G, 1024 B values, each plane 32x32 row-major.
+    planar = (spec.channels, spec.image_size, spec.image_size)
+    batches = [_read_batch(root / name, spec.label_key, int(np.prod(planar))) for name in files]
     rows = np.concatenate([data for data, _ in batches])
     labels = np.concatenate([labels for _, labels in batches])
-    images = np.ascontiguousarray(rows.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1))
+    images = np.ascontiguousarray(rows.reshape(-1, *planar).transpose(0, 2, 3, 1))
     return Split(images=images, labels=labels)
 
 
-def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file's checked (n, 3072) uint8 rows and (n,) int64 labels."""
+def _read_batch(path: Path, label_key: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file's checked (n, row) uint8 rows (row = 3072 for CIFAR) and (n,) int64 labels."""
     batch = _text_keys(load_pickle(path), path)
     if not isinstance(batch, dict):
         raise VitlabError(f"{path}: expected a dict of 'data' and {label_key!r}, got {type(batch).__name__}")
@@ -231,8 +237,8 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         kind = f"dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise VitlabError(f"{path}: 'data' is {kind}, expected a uint8 array")
-    if data.ndim != 2 or data.shape[1] != _ROW:
-        raise VitlabError(f"{path}: 'data' has shape {data.shape}, expected (n, {_ROW})")
+    if data.ndim != 2 or data.shape[1] != row:
+        raise VitlabError(f"{path}: 'data' has shape {data.shape}, expected (n, {row})")
     try:
         labels = np.asarray(batch[label_key])
     except ValueError:  # ragged nested lists
@@ -260,6 +266,24 @@ def _text_keys(loaded: Any, path: Path) -> Any:
     return keys
 
 
+_READERS = {"cifar": _read_cifar, "idx": read_mnist}
+
+
+def unofficial_file(root: str | os.PathLike[str], spec: DatasetSpec) -> str | None:
+    """None when every file of ``spec`` under ``root`` (the folder holding them) has its official md5; else
+    why the copy is not the official one: the first file missing or whose md5 differs, in one line."""
+    if not spec.file_md5s:
+        return f"{spec.name} has no official files to compare with"
+    for name, official in spec.file_md5s.items():
+        path = Path(root) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = md5sum(path)
+        if actual != official:
+            return f"{name} has md5 {actual}, not the official {official}"
+    return None
+
+
 def prepare_dataset(
     spec: DatasetSpec,
     source: str | None,
@@ -270,29 +294,83 @@ def prepare_dataset(
     expected_train: int | None = None,
     expected_test: int | None = None,
 ) -> PreparedDataset:
-    """The download stage: fetch, verify, extract and parse an archive, and save it to ``out_dir``.
+    """The download stage: fetch, verify, extract and parse the dataset, and save it to ``out_dir``.
 
-    ``source``/``md5`` default to the dataset's official (or embedded) archive, whose image counts are then
-    the expected ones unless given; for another source only the given counts are expected (None: unchecked).
-    The verified archive stays in ``raw_dir`` as a cache; the extracted files are deleted.
+    ``source`` None is the official copy (or the embedded sample): its archive, md5-checked, or for a
+    dataset without one (MNIST) each file, md5-checked. Otherwise ``source`` is a URL or path of an archive
+    (with ``spec.folder`` inside) or a local folder holding the files themselves. Every file is then compared
+    with its official md5: a copy whose files are all official is accepted without ``md5`` and recorded as
+    ``info["official"]``, its counts checked against ``spec``'s; any other archive needs ``md5``, the md5 of
+    the archive itself. The official copy's counts (``spec``'s) are the expected ones unless given; for an
+    unofficial ``source`` only the given ones (None: unchecked, here and by the validate stage).
+    The verified archive (or MNIST's files) stays in ``raw_dir`` as a cache; extracted files are deleted.
+
+    Raises VitlabError for an md5 mismatch, an unofficial copy without ``md5``, ``md5`` given for a folder,
+    an official copy with other counts than ``spec``'s, or any file the readers refuse.
     """
     raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
     url = spec.url if source is None else source
-    md5 = spec.md5 if md5 is None else md5
-    archive = fetch(url, raw_dir / (source_name(url) or spec.archive_name), md5, progress=progress)
+    md5 = spec.md5 if source is None else md5
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=raw_dir) as tmp:
-        dataset = parse_cifar(extract_archive(archive, Path(tmp) / "archive"), spec)
-    if source is None:
+        root, archive = _obtain(spec, source, url, md5, raw_dir, Path(tmp), progress)
+        unofficial = unofficial_file(root, spec)
+        if unofficial and md5 is None:
+            if archive is None:  # a folder: there is no archive md5 to vouch for other files
+                raise VitlabError(
+                    f"{url}: not the official {spec.name} files ({unofficial}); a folder must hold the "
+                    "official files: give another copy as an archive with data.md5"
+                )
+            archive.unlink()  # unverified: it must not pass for a cache
+            raise VitlabError(
+                f"{url}: data.md5 is required: not the official {spec.name} files ({unofficial}); "
+                "set data.md5 to the archive's md5"
+            )
+        dataset = _READERS[spec.format](root, spec)
+    if unofficial is None:
+        _check_official_counts(dataset, spec, url)
+    if source is None or unofficial is None:
         expected_train = spec.num_train if expected_train is None else expected_train
         expected_test = spec.num_test if expected_test is None else expected_test
     dataset.info.update(
         source=_portable(url),
-        md5=md5.lower(),
+        md5=md5.lower() if md5 else None,
+        official=unofficial is None,
         expected_train=expected_train,
         expected_test=expected_test,
     )
     save_prepared(dataset, out_dir)
     return dataset
+
+
+def _obtain(
+    spec: DatasetSpec, source: str | None, url: str, md5: str | None, raw_dir: Path, tmp: Path, progress: bool
+) -> tuple[Path, Path | None]:
+    """The folder holding the dataset's files, and the archive they came from (None: no archive)."""
+    if source is None and spec.md5 is None:  # published as separate files: each fetched with its md5
+        folder = raw_dir / spec.folder
+        for name in spec.files:
+            fetch(url + name, folder / name, spec.file_md5s[name], progress=progress)
+        return folder, None
+    if source is not None and Path(source).is_dir():
+        if md5 is not None:
+            raise VitlabError(
+                f"{source}: a folder, not an archive: data.md5 (an archive's md5) does not apply"
+            )
+        return Path(source), None
+    archive = fetch(url, raw_dir / (source_name(url) or spec.archive_name), md5, progress=progress)
+    return extract_archive(archive, tmp / "archive") / spec.folder, archive
+
+
+def _check_official_counts(dataset: PreparedDataset, spec: DatasetSpec, url: str) -> None:
+    for split, found, promised in (
+        ("train", len(dataset.train), spec.num_train),
+        ("test", len(dataset.test), spec.num_test),
+    ):
+        if found != promised:
+            raise VitlabError(
+                f"{url}: {found} {split} images in the official {spec.name} files, not {promised}"
+            )
 
 
 def _portable(source: str) -> str:

@@ -1,9 +1,10 @@
 """Batched augmentation on the training device: no per-image PIL work in the training loop.
 
-``BatchAugment`` turns a batch of uint8 (N, 3, H, W) images into the network's input in a few tensor ops on
-the device the batch lives on, in this order:
+``BatchAugment`` turns a batch of uint8 (N, C, H, W) images (RGB or grayscale) into the network's input in a
+few tensor ops on the device the batch lives on, in this order:
 
-1. an optional policy on the uint8 pixels: RandAugment or AutoAugment's CIFAR-10 policy (torchvision v2);
+1. an optional policy on the uint8 pixels: RandAugment or AutoAugment's CIFAR-10 policy (torchvision v2, whose
+   ops also take 1-channel images: its color ops leave grayscale as it is);
 2. random crop after padding with the mean pixel, and random horizontal flip, drawn per image (on uint8:
    a quarter of the memory traffic of float, 3x faster on a CPU);
 3. normalization;
@@ -23,6 +24,7 @@ import torch
 
 from vitlab.checkpoint import Normalization
 from vitlab.compat import import_torchvision
+from vitlab.data.sources import DATASETS, DEFAULT_DATASET
 from vitlab.errors import VitlabError
 
 POLICIES = ("none", "randaugment", "autoaugment")
@@ -104,8 +106,8 @@ class BatchAugment:
         norm: Normalization,
         num_classes: int,
         policy: str = "none",
-        crop_padding: int = 4,
-        flip: bool = True,
+        crop_padding: int = DATASETS[DEFAULT_DATASET].crop_padding,  # train.crop_padding's default
+        flip: bool = DATASETS[DEFAULT_DATASET].flip,
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -123,7 +125,7 @@ class BatchAugment:
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (N, 3, H, W) images, (N,) labels -> float (N, 3, H, W) input, (N,) or (N, C) targets."""
+        """uint8 (N, C, H, W) images, (N,) labels -> float (N, C, H, W) input, (N,) or (N, K) targets."""
         needs_torch_rng = self.policy is not None or self.mix is not None
         with _one_thread_on_cpu(images.device), _torch_rng_from(generator, needs_torch_rng):
             if self.policy is not None:

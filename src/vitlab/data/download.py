@@ -41,16 +41,18 @@ def source_name(source: str) -> str:
     return Path(source).name
 
 
-def fetch(source: str, dest: str | os.PathLike[str], md5: str, progress: bool = True) -> Path:
+def fetch(source: str, dest: str | os.PathLike[str], md5: str | None, progress: bool = True) -> Path:
     """Make ``dest`` a copy of ``source`` whose md5 is ``md5``, downloading only when needed.
 
     ``source`` is an http(s) URL, a file:// URL or a local path. A ``dest`` that already has the right md5
-    is kept as is (the cache); one with another md5 is fetched again. Raises VitlabError when the source
-    cannot be read or its md5 differs (the bad download is deleted; an interrupted one is kept to resume).
+    is kept as is (the cache); one with another md5 is fetched again. With ``md5`` None nothing is checked
+    here (the caller verifies the content) and ``source`` is always fetched again, since no cached copy can
+    be told from another. Raises VitlabError when the source cannot be read or its md5 differs (the bad
+    download is deleted; an interrupted one is kept to resume).
     """
     dest = Path(dest)
-    md5 = md5.lower()
-    if dest.is_file() and md5sum(dest) == md5:
+    md5 = md5.lower() if md5 else None
+    if md5 and dest.is_file() and md5sum(dest) == md5:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
@@ -62,7 +64,7 @@ def fetch(source: str, dest: str | os.PathLike[str], md5: str, progress: bool = 
         _copy(source, part, show)
     else:
         raise VitlabError(f"{source}: unsupported URL scheme {scheme!r} (use http(s)://, file:// or a path)")
-    actual = md5sum(part)
+    actual = md5sum(part) if md5 else None
     if actual != md5:
         part.unlink()
         raise VitlabError(f"{source}: md5 mismatch, expected {md5}, got {actual}; the download was deleted")

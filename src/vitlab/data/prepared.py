@@ -1,4 +1,5 @@
-"""The prepared dataset: uint8 images (N, 32, 32, 3) HWC RGB, int64 labels and class names, on disk as npz."""
+"""The prepared dataset: uint8 images (N, H, W, C) HWC (CIFAR: 32x32 RGB; MNIST: 28x28x1 grayscale), int64
+labels and class names, on disk as npz."""
 
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ from vitlab.errors import VitlabError
 
 @dataclass(frozen=True)
 class Split:
-    """One split: uint8 (N, 32, 32, 3) HWC RGB images and int64 (N,) class indices; ``len()`` is N."""
+    """One split: uint8 (N, size, size, channels) HWC images and int64 (N,) class indices; ``len()`` is N."""
 
-    images: np.ndarray  # uint8 (N, 32, 32, 3)
+    images: np.ndarray  # uint8 (N, size, size, channels): (N, 32, 32, 3) for CIFAR, (N, 28, 28, 1) for MNIST
     labels: np.ndarray  # int64 (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def geometry(self) -> tuple[int, int]:
+        """(image_size, channels) of the images: what a model's config must say to read them."""
+        return self.images.shape[1], self.images.shape[3]
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class PreparedDataset:
     train: Split
     test: Split
     class_names: list[str]
-    info: dict[str, Any] = field(default_factory=dict)  # dataset name, source, md5, promised counts
+    info: dict[str, Any] = field(default_factory=dict)  # dataset name, source, md5, official, promised counts
 
     @property
     def num_classes(self) -> int:

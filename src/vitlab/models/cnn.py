@@ -31,4 +31,4 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
-        return self.head(self.features(x))  # (B, 3, 32, 32) -> (B, classes)
+        return self.head(self.features(x))  # (B, C, H, W) -> (B, classes)

@@ -24,4 +24,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
-        return self.net(x)  # (B, 3, 32, 32) -> (B, classes)
+        return self.net(x)  # (B, C, H, W) -> (B, classes)

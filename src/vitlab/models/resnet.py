@@ -53,7 +53,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
-        x = self.blocks(self.stem(x))  # (B, 3, 32, 32) -> (B, widths[-1], 32/2^(stages-1), ...)
+        x = self.blocks(self.stem(x))  # (B, C, H, W) -> (B, widths[-1], H/2^(stages-1), ...)
         return self.head(x)  # (B, classes)
 
 

@@ -1,4 +1,5 @@
-"""Vision Transformer for 32x32 images, in the style of nanoGPT's model.py and lucidrains' vit-pytorch.
+"""Vision Transformer for small images (CIFAR's 32x32, MNIST's 28x28), in the style of nanoGPT's model.py
+and lucidrains' vit-pytorch.
 
 Tokenizer -> [CLS] + positions -> pre-norm blocks (LayerNorm-MHA, LayerNorm-MLP) -> pooling -> LayerNorm ->
 linear head. Attention runs through ``scaled_dot_product_attention`` (fused kernels) unless the caller asks

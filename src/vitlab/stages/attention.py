@@ -15,8 +15,8 @@ from vitlab.tracking import Tracker
 
 def run(params: Params, layout: Layout) -> None:
     """Draw ``attention.num_images`` test images' maps into ``layout.attention_dir`` with a summary.json."""
-    ckpt = load_checkpoint(layout.checkpoint)
     test = load_prepared(layout.prepared_dir).test
+    ckpt = load_checkpoint(layout.checkpoint, geometry=test.geometry)
     n = min(params.attention.num_images, len(test))
     layout.attention_dir.mkdir(parents=True, exist_ok=True)
     summary = render_attention(

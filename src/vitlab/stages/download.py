@@ -1,4 +1,5 @@
-"""Stage ``download``: fetch and md5-verify the archive, extract it safely, write data/prepared."""
+"""Stage ``download``: fetch and md5-verify the data, extract it safely, check every file against its official
+md5, write data/prepared."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ def run(params: Params, layout: Layout) -> None:
         expected_train=p.expected_train,
         expected_test=p.expected_test,
     )
+    verified = (
+        "official files, per-file md5s verified" if dataset.info["official"] else "archive md5 verified"
+    )
     print(
-        f"prepared {p.dataset}: {len(dataset.train)} train, {len(dataset.test)} test images, "
+        f"prepared {p.dataset} ({verified}): {len(dataset.train)} train, {len(dataset.test)} test images, "
         f"{dataset.num_classes} classes -> {layout.prepared_dir}"
     )

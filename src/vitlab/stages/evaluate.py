@@ -20,8 +20,8 @@ def run(params: Params, layout: Layout) -> None:
     Per-class figures go to per_class.tsv, not metrics.json: 100 metric columns would swamp `dvc exp show`.
     """
     device = select_device(params.train.device)
-    ckpt = load_checkpoint(layout.checkpoint, device)
     test = load_prepared(layout.prepared_dir).test
+    ckpt = load_checkpoint(layout.checkpoint, device, test.geometry)
     names = ckpt.class_names
     result = evaluate(ckpt.model, test, ckpt.normalization, len(names), params.evaluate.batch_size, device)
     files.write_json(layout.eval_metrics, result.metrics())

@@ -27,7 +27,8 @@ def run(params: Params, layout: Layout) -> None:
     ``export.max_abs_diff`` / ``min_top1_agreement``, when int8 loses more than ``max_int8_accuracy_drop``, or
     when any test image gets another int8 top-1 at batch 1 than in a full batch. The metrics are written
     before each check, so a failed export leaves its evidence."""
-    p, ckpt, dataset = params.export, load_checkpoint(layout.checkpoint), load_prepared(layout.prepared_dir)
+    p, dataset = params.export, load_prepared(layout.prepared_dir)
+    ckpt = load_checkpoint(layout.checkpoint, geometry=dataset.test.geometry)
     variants = {"fp32": (layout.onnx, False)}
     layout.onnx_attention_dir.mkdir(parents=True, exist_ok=True)  # DVC's declared output, empty for a CNN
     if p.attention_model and has_attention(ckpt.model):

@@ -23,7 +23,7 @@ def run(params: Params, layout: Layout) -> None:
     train_split, val_split = split_train_val(dataset.train, params.data.val_fraction, params.data.seed)
     norm = Normalization.from_images(train_split.images)
     torch.manual_seed(params.train.seed)  # fixes the weight initialization too
-    model = build_model(params.model.name, params.model.config(dataset.num_classes))
+    model = build_model(params.model.name, params.model.config(dataset.num_classes, *dataset.train.geometry))
     n_params = count_parameters(model)
     n_val = len(val_split) if val_split else 0
     name = params.model.preset or params.model.name
