@@ -1,16 +1,19 @@
-"""The real benchmark: the full CIFAR-10 (50,000 training / 10,000 test images) at fixed wall-clock budgets.
+"""The real benchmarks: the full CIFAR-10 (50,000 training / 10,000 test images) and MNIST (60,000 /
+10,000) at fixed wall-clock budgets or epochs.
 
     python benchmarks/full_data.py                          # every run at 10 and 30 minutes: about 4.5 hours
     python benchmarks/full_data.py --budgets 600            # the 10-minute column and the study: 1.2 hours
     python benchmarks/full_data.py --screen                 # choose vit-best on a validation split: 11 min
+    python benchmarks/full_data.py --dataset mnist --epochs 2 --runs cnn-small resnet tinyvit
     python benchmarks/full_data.py --budgets 2 --quick      # smoke run: 2 s budgets on 1,024 / 512 images
 
-Each model is trained from the same seed for a wall-clock budget on all 50,000 training images (no
-validation split: the last weights are tested), on this machine's CPU cores, then tested on all 10,000 test
-images. Training is ``vitlab.train.train`` with ``time_budget_s`` and the recipe of
-``benchmarks/time_to_accuracy.py`` (``OURS``: batch and peak learning rate per model, chosen on the CIFAR-10
-subset), with one change: no RandAugment for the ViTs, since a 10-minute budget is 7-10 epochs of the full
-data, where RandAugment cost tinyvit 3.3 points on the subset.
+Each model is trained from the same seed for a wall-clock budget (or a number of epochs: ``--epochs``) on
+all the training images (no validation split: the last weights are tested), on this machine's CPU cores,
+then tested on all 10,000 test images. Training is ``vitlab.train.train`` with ``time_budget_s`` and the
+recipe of ``benchmarks/time_to_accuracy.py`` (``OURS``: batch and peak learning rate per model, chosen on
+the CIFAR-10 subset), with one change: no RandAugment for the ViTs, since a 10-minute budget is 7-10 epochs
+of the full data, where RandAugment cost tinyvit 3.3 points on the subset; crop padding and flips are the
+dataset's (no flips for digits).
 
 The runs:
 
@@ -20,12 +23,13 @@ The runs:
 - ``vit-best``: the best ViT configuration vitlab has, chosen by ``--screen`` on a validation split (see
   ``SCREEN``).
 
-Each run is appended to ``--out``.json as soon as it ends, with its per-image predictions, so an interrupted
-benchmark loses at most the run in progress and a restart skips the runs already there. From the file it
-writes ``--out``.md (accuracy with its 95% BCa bootstrap interval, epochs, img/s) and, for every budget at
-which the study's four runs exist, ``vitlab compare``'s table and plots in ``--study-dir``/BUDGET/ (paired
-differences to the CNN). Budgets are wall-clock: run it on an otherwise idle machine, with
-``VITLAB_PIN_CPU=0`` for the CPU's fastest code (vitlab's CPU pins cost speed; README, "Across CPUs").
+Each run is appended to ``--out``.json (default benchmarks/results/full_data_DATASET) as soon as it ends,
+with its per-image predictions, so an interrupted benchmark loses at most the run in progress and a restart
+skips the runs already there. From the file it writes ``--out``.md (accuracy with its 95% BCa bootstrap
+interval, epochs, img/s) and, for every budget at which the CIFAR-10 study's four runs exist, ``vitlab
+compare``'s table and plots in ``--study-dir``/study-BUDGET/ (paired differences to the CNN). Budgets are
+wall-clock: run it on an otherwise idle machine, with ``VITLAB_PIN_CPU=0`` for the CPU's fastest code
+(vitlab's CPU pins cost speed; README, "Across CPUs").
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from vitlab import files
 from vitlab.checkpoint import Normalization
 from vitlab.compare import RunRecord, write_comparison
 from vitlab.data.prepared import PreparedDataset
+from vitlab.data.sources import DATASETS, DatasetSpec
 from vitlab.device import hardware_description
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model, count_parameters, preset_config
@@ -54,8 +59,11 @@ from vitlab.stats import bootstrap_ci
 from vitlab.train import split_train_val, train
 
 REPO = Path(__file__).resolve().parents[1]
-FULL = REPO.parent / "shared/data/cifar-10-full-python.tar.gz"
-FULL_MD5 = "a3ac126cd5a9d0f3403886809dfa994e"  # the re-packed archive (../shared/data/README.md)
+# Copies of the official files (../shared/data/README.md): accepted by their per-file md5s, no data.md5.
+ARCHIVES = {
+    "cifar10": REPO.parent / "shared/data/cifar-10-full-python.tar.gz",
+    "mnist": REPO.parent / "shared/data/mnist-full.tar.gz",
+}
 # name -> (preset, keys changed beside it, the OURS recipe it trains with)
 RUNS: dict[str, tuple[str, dict, str]] = {
     "cnn-small": ("cnn-small", {}, "cnn-small"),
@@ -79,18 +87,26 @@ SCREEN = {
 SCREEN_BUDGET_S = 150
 
 
-def recipe(name: str, budget_s: float) -> TrainParams:
-    """The train section of OURS[name] for a ``budget_s``-second run on the CPU."""
-    return TrainParams(epochs=EPOCH_CAP, time_budget_s=budget_s, device="cpu", **OURS[name], **COMMON)
+def recipe(name: str, spec: DatasetSpec, budget_s: float | None, epochs: int | None = None) -> TrainParams:
+    """The train section of OURS[name] on the CPU for ``budget_s`` seconds or ``epochs`` epochs, warming up
+    over the first 5% of either, with ``spec``'s crop padding and flips."""
+    epochs = epochs or EPOCH_CAP
+    options = COMMON | {"warmup_epochs": 0.05 * epochs, "crop_padding": spec.crop_padding, "flip": spec.flip}
+    return TrainParams(epochs=epochs, time_budget_s=budget_s, device="cpu", **OURS[name], **options)
 
 
-def run(name: str, budget_s: float, data: PreparedDataset, norm: Normalization) -> dict:
-    """Train run ``name`` for ``budget_s`` seconds and test it: its row of the results file."""
+def run(
+    name: str, spec: DatasetSpec, budget_s: float | None, epochs: int | None, data: PreparedDataset
+) -> dict:
+    """Train run ``name`` on ``data`` for ``budget_s`` seconds or ``epochs`` epochs and test it: its row of
+    the results file."""
     preset, changes, recipe_name = RUNS[name]
-    arch, config = preset_config(preset, **changes)
+    image_size, channels = data.train.geometry
+    arch, config = preset_config(preset, **changes, image_size=image_size, in_channels=channels)
     torch.manual_seed(0)
     model = build_model(arch, config | {"num_classes": data.num_classes})
-    params = recipe(recipe_name, budget_s)
+    params = recipe(recipe_name, spec, budget_s, epochs)
+    norm = Normalization.from_images(data.train.images)
     load_before = os.getloadavg()[0]
     result = train(model, data.train, None, norm, params)
     images = sum(row["images"] for row in result.history)
@@ -105,6 +121,7 @@ def run(name: str, budget_s: float, data: PreparedDataset, norm: Normalization) 
         "patch_size": config.get("patch_size") if arch == "vit" else None,
         "parameters": count_parameters(model),
         "budget_s": budget_s,
+        "max_epochs": epochs,
         "train_s": round(result.wall_time_s, 1),
         "epochs": round(images / len(data.train), 2),
         "images_per_s": round(images / result.wall_time_s, 1),
@@ -120,7 +137,7 @@ def run(name: str, budget_s: float, data: PreparedDataset, norm: Normalization) 
     }
 
 
-def screen(data: PreparedDataset, budget_s: float, out: Path) -> dict[str, float]:
+def screen(data: PreparedDataset, spec: DatasetSpec, budget_s: float, out: Path) -> dict[str, float]:
     """Validation accuracy of each SCREEN configuration of tinyvit after ``budget_s`` seconds of training;
     written to ``out`` (JSON) as each one ends."""
     train_split, val_split = split_train_val(data.train, 0.1, seed=0)
@@ -132,7 +149,7 @@ def screen(data: PreparedDataset, budget_s: float, out: Path) -> dict[str, float
         arch, config = preset_config("tinyvit", **changes)
         torch.manual_seed(0)
         model = build_model(arch, config | {"num_classes": data.num_classes})
-        params = recipe("tinyvit", budget_s)
+        params = recipe("tinyvit", spec, budget_s)
         history = train(model, train_split, None, norm, params).history
         accuracy = evaluate(model, val_split, norm, data.num_classes).accuracy
         epochs = sum(row["images"] for row in history) / len(train_split)
@@ -160,23 +177,32 @@ def record(row: dict, labels: np.ndarray, class_names: list[str]) -> RunRecord:
     return RunRecord(row["run"], row["run"], row["arch"], row["patch_size"], row["parameters"], frame, epochs)
 
 
+def limit(row: dict) -> tuple[float | None, int | None]:
+    """What ended a run: (budget_s, None) or (None, max_epochs)."""
+    return row["budget_s"], row["max_epochs"]
+
+
+def limit_label(budget_s: float | None, epochs: int | None) -> str:
+    return label(budget_s) if budget_s is not None else f"{epochs} epochs"
+
+
 def markdown(rows: list[dict], settings: dict) -> str:
-    """The results table: one line per run, one column group per budget."""
-    budgets = sorted({row["budget_s"] for row in rows})
-    by_key = {(r["run"], r["budget_s"]): r for r in rows}
-    head = " | ".join(f"{label(b)}: test accuracy (95% CI) | epochs | img/s" for b in budgets)
+    """The results table: one line per run, one column group per budget (or number of epochs)."""
+    limits = sorted({limit(r) for r in rows}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0))
+    by_key = {(r["run"], limit(r)): r for r in rows}
+    head = " | ".join(f"{limit_label(*x)}: test accuracy (95% CI) | epochs | img/s" for x in limits)
     lines = [
-        f"Full CIFAR-10: trained on {settings['train_images']:,} images for a wall-clock budget, tested on "
+        f"{settings['dataset']}: trained on {settings['train_images']:,} images, tested on "
         f"{settings['test_images']:,}; {settings['hardware']}, torch {settings['torch']}. Intervals: BCa "
         "bootstrap over the test images.",
         "",
         f"| run | parameters | {head} |",
-        "| --- | ---: |" + " ---: | ---: | ---: |" * len(budgets),
+        "| --- | ---: |" + " ---: | ---: | ---: |" * len(limits),
     ]
     for name in RUNS:
         cells = []
-        for budget in budgets:
-            row = by_key.get((name, budget))
+        for key in limits:
+            row = by_key.get((name, key))
             if row is None:
                 cells += ["", "", ""]
                 continue
@@ -191,47 +217,53 @@ def markdown(rows: list[dict], settings: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=ARCHIVES, default="cifar10")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="seconds")
+    parser.add_argument("--epochs", type=int, help="train so many epochs instead of for --budgets")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
-    parser.add_argument("--data", type=Path, default=FULL, help="the full CIFAR-10 archive")
-    parser.add_argument("--md5", default=FULL_MD5)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/full_data")
+    parser.add_argument("--data", type=Path, help="the archive (default: ../shared/data's full copy)")
+    parser.add_argument("--md5", help="the archive's md5, for a copy whose files are not the official ones")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/full_data_DATASET")
     parser.add_argument("--study-dir", type=Path, default=REPO / "reports/full_data")
     parser.add_argument("--screen", action="store_true", help="compare the SCREEN ViTs on a validation split")
     parser.add_argument("--quick", action="store_true", help="1,024 train / 512 test images (smoke run)")
     args = parser.parse_args(argv)
-    if not args.data.exists():
-        sys.exit(f"error: {args.data} not found (the full CIFAR-10 archive; see ../shared/data/README.md)")
-    data = load_subset(args.data, args.md5, args.quick)
+    archive = args.data or ARCHIVES[args.dataset]
+    out = args.out or REPO / f"benchmarks/results/full_data_{args.dataset}"
+    if not archive.exists():
+        sys.exit(f"error: {archive} not found (see ../shared/data/README.md)")
+    spec = DATASETS[args.dataset]
+    data = load_subset(archive, args.md5, args.quick, args.dataset)
     if args.screen:
         budget = SCREEN_BUDGET_S if not args.quick else 2
-        print(json.dumps(screen(data, budget, args.out.with_name(args.out.name + "_screen.json")), indent=1))
+        print(json.dumps(screen(data, spec, budget, out.with_name(out.name + "_screen.json")), indent=1))
         return 0
-    norm = Normalization.from_images(data.train.images)
     settings = {
+        "dataset": spec.name,
         "train_images": len(data.train),
         "test_images": len(data.test),
         "hardware": hardware_description("cpu"),
         "torch": torch.__version__,
     }
-    results = args.out.with_suffix(".json")
-    rows = saved_rows(results, settings)
-    for budget in args.budgets:
+    rows = saved_rows(out.with_suffix(".json"), settings)
+    limits = [(None, args.epochs)] if args.epochs else [(budget, None) for budget in args.budgets]
+    for key in limits:
         for name in args.runs:
-            if any(r["run"] == name and r["budget_s"] == budget for r in rows):
+            if any(r["run"] == name and limit(r) == key for r in rows):
                 continue
-            print(f"{name}, {label(budget)} ...", file=sys.stderr, flush=True)
+            print(f"{name}, {limit_label(*key)} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            rows.append(run(name, budget, data, norm))
+            rows.append(run(name, spec, *key, data))
             brief = {k: v for k, v in rows[-1].items() if k not in ("predicted", "losses", "train_params")}
             print(f"{json.dumps(brief)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-            files.write_json(results, {"settings": settings, "rows": rows})
-            files.write_text(args.out.with_suffix(".md"), markdown(rows, settings))
-    for budget in sorted({r["budget_s"] for r in rows}):
-        study = [r for r in rows if r["budget_s"] == budget and r["run"] in STUDY]
+            files.write_json(out.with_suffix(".json"), {"settings": settings, "rows": rows})
+            files.write_text(out.with_suffix(".md"), markdown(rows, settings))
+    for key in sorted({limit(r) for r in rows if r["budget_s"] is not None}):
+        study = [r for r in rows if limit(r) == key and r["run"] in STUDY]
         if len(study) == len(STUDY):
             records = [record(r, data.test.labels, data.class_names) for r in study]
-            write_comparison(records, args.study_dir / f"study-{label(budget).replace(' ', '')}", "cnn-small")
+            name = f"study-{limit_label(*key).replace(' ', '')}"
+            write_comparison(records, args.study_dir / name, "cnn-small")
     print(markdown(rows, settings))
     return 0
 

@@ -71,11 +71,13 @@ COMMON = {"warmup_epochs": 0.05 * EPOCH_CAP, "label_smoothing": 0.1, "crop_paddi
 SEED_BATCH, SEED_LR = 64, 1e-3
 
 
-def load_subset(archive: Path, md5: str, quick: bool) -> PreparedDataset:
-    """The CIFAR-10 subset through vitlab's verified extraction and parsing; 1,024 / 512 images if quick."""
+def load_subset(archive: Path, md5: str | None, quick: bool, dataset: str = "cifar10") -> PreparedDataset:
+    """A copy of ``dataset`` (the CIFAR-10 subset by default) through vitlab's verified extraction and
+    parsing (``md5``: the archive's, needed unless its files are the official ones); 1,024 / 512 images if
+    quick."""
     with tempfile.TemporaryDirectory(prefix="vitlab-tta-") as work:
         data = prepare_dataset(
-            DATASETS["cifar10"], str(archive), md5, Path(work, "raw"), Path(work, "prepared"), progress=False
+            DATASETS[dataset], str(archive), md5, Path(work, "raw"), Path(work, "prepared"), progress=False
         )
     if not quick:
         return data
