@@ -69,7 +69,9 @@ RUNS: dict[str, tuple[str, dict, str]] = {
     "cnn-small": ("cnn-small", {}, "cnn-small"),
     "resnet": ("resnet", {}, "resnet"),
     "tinyvit": ("tinyvit", {}, "tinyvit"),
-    "vit-best": ("tinyvit", {"stem": "conv", "pool": "mean"}, "tinyvit"),  # --screen chose it
+    # --screen's choice (benchmarks/results/full_data_cifar10_screen.json): 52.5% on the 5,000 validation
+    # images after 150 s, against tinyvit's 44.0%, mean pooling's 42.3% and sin-cos positions' 48.4%.
+    "vit-best": ("tinyvit", {"stem": "conv", "pool": "mean"}, "tinyvit"),
     "vit-p2": ("tinyvit", {"patch_size": 2}, "tinyvit"),
     "vit-p8": ("tinyvit", {"patch_size": 8}, "tinyvit"),
 }
