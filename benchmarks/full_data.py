@@ -176,7 +176,8 @@ def record(row: dict, labels: np.ndarray, class_names: list[str]) -> RunRecord:
         }
     )
     epochs = pd.DataFrame({"epoch": range(1, int(np.ceil(row["epochs"])) + 1)})
-    return RunRecord(row["run"], row["run"], row["arch"], row["patch_size"], row["parameters"], frame, epochs)
+    name, preset = row["run"], row["preset"]
+    return RunRecord(name, preset, row["arch"], row["patch_size"], row["parameters"], frame, epochs)
 
 
 def limit(row: dict) -> tuple[float | None, int | None]:

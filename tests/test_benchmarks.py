@@ -133,7 +133,7 @@ def test_the_full_data_benchmark_keeps_every_run_and_makes_the_study_table(tmp_p
         assert len(row["predicted"]) == len(row["losses"]) == 512 and row["epochs"] > 0
         assert row["train_params"]["time_budget_s"] == 1
     table = (tmp_path / "study-1s" / "table.md").read_text()
-    assert "vs cnn-small: Δ accuracy (95% CI)" in table and "| vit-p2 | vit-p2 | 2 |" in table
+    assert "vs cnn-small: Δ accuracy (95% CI)" in table and "| vit-p2 | tinyvit | 2 |" in table
     assert (tmp_path / "full.md").read_text() in first.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and " ..." not in again.stderr  # nothing trained the second time
