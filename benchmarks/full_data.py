@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from time_to_accuracy import COMMON, EPOCH_CAP, OURS, label, load_subset, saved_rows
+from time_to_accuracy import COMMON, EPOCH_CAP, OURS, label, load_archive, saved_rows
 
 from vitlab import files
 from vitlab.checkpoint import Normalization
@@ -98,7 +98,12 @@ def recipe(name: str, spec: DatasetSpec, budget_s: float | None, epochs: int | N
 
 
 def run(
-    name: str, spec: DatasetSpec, budget_s: float | None, epochs: int | None, data: PreparedDataset
+    name: str,
+    spec: DatasetSpec,
+    budget_s: float | None,
+    epochs: int | None,
+    data: PreparedDataset,
+    norm: Normalization,
 ) -> dict:
     """Train run ``name`` on ``data`` for ``budget_s`` seconds or ``epochs`` epochs and test it: its row of
     the results file."""
@@ -108,7 +113,6 @@ def run(
     torch.manual_seed(0)
     model = build_model(arch, config | {"num_classes": data.num_classes})
     params = recipe(recipe_name, spec, budget_s, epochs)
-    norm = Normalization.from_images(data.train.images)
     load_before = os.getloadavg()[0]
     result = train(model, data.train, None, norm, params)
     images = sum(row["images"] for row in result.history)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if not archive.exists():
         sys.exit(f"error: {archive} not found (see ../shared/data/README.md)")
     spec = DATASETS[args.dataset]
-    data = load_subset(archive, args.md5, args.quick, args.dataset)
+    data = load_archive(archive, args.md5, args.quick, args.dataset)
     if args.screen:
         budget = SCREEN_BUDGET_S if not args.quick else 2
         print(json.dumps(screen(data, spec, budget, out.with_name(out.name + "_screen.json")), indent=1))
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     rows = saved_rows(out.with_suffix(".json"), settings)
+    norm = Normalization.from_images(data.train.images)  # once: a float64 pass over all training images
     limits = [(None, args.epochs)] if args.epochs else [(budget, None) for budget in args.budgets]
     for key in limits:
         for name in args.runs:
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}, {limit_label(*key)} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            rows.append(run(name, spec, *key, data))
+            rows.append(run(name, spec, *key, data, norm))
             brief = {k: v for k, v in rows[-1].items() if k not in ("predicted", "losses", "train_params")}
             print(f"{json.dumps(brief)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
             files.write_json(out.with_suffix(".json"), {"settings": settings, "rows": rows})

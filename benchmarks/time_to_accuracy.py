@@ -71,7 +71,7 @@ COMMON = {"warmup_epochs": 0.05 * EPOCH_CAP, "label_smoothing": 0.1, "crop_paddi
 SEED_BATCH, SEED_LR = 64, 1e-3
 
 
-def load_subset(archive: Path, md5: str | None, quick: bool, dataset: str = "cifar10") -> PreparedDataset:
+def load_archive(archive: Path, md5: str | None, quick: bool, dataset: str = "cifar10") -> PreparedDataset:
     """A copy of ``dataset`` (the CIFAR-10 subset by default) through vitlab's verified extraction and
     parsing (``md5``: the archive's, needed unless its files are the official ones); 1,024 / 512 images if
     quick."""
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1,024 train / 512 test images (smoke run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_subset(args.data, args.md5, args.quick)
+    data = load_archive(args.data, args.md5, args.quick)
     norm = Normalization.from_images(data.train.images)
     settings = {
         "train_images": len(data.train),
