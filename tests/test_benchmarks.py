@@ -6,13 +6,18 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from benchmark_modules import BENCHMARKS, load_benchmark
+from cifar_fakes import make_dataset
 
 from vitlab.models import build_model, preset_config
+from vitlab.stats import over_seeds
 
 bench = load_benchmark("bench_train_throughput")
+tta = load_benchmark("time_to_accuracy")
 
 
 def test_step_flops_counts_every_matrix_product_of_forward_and_backward():
@@ -108,6 +113,117 @@ def test_importing_vitlab_makes_openmp_threads_sleep_unless_the_user_chose(env, 
     probe = "import os, vitlab; print(os.environ.get('OMP_WAIT_POLICY'))"
     done = subprocess.run([sys.executable, "-c", probe], env=base | env, capture_output=True, text=True)
     assert done.stdout.strip() == str(expected)
+
+
+def test_the_committed_time_to_accuracy_table_is_made_again_from_its_rows():
+    """Rows measured before --seeds (one seed, no per-image results) make the table the README quotes."""
+    results = BENCHMARKS / "results" / "time_to_accuracy"
+    saved = json.loads(results.with_suffix(".json").read_text())
+    assert tta.markdown(saved["rows"], saved["settings"]) == results.with_suffix(".md").read_text()
+
+
+def _row(model: str, seed: int, hits: int, n: int = 20, **extra) -> dict:
+    """A results row whose first ``hits`` of ``n`` test images are right."""
+    correct = "1" * hits + "0" * (n - hits)
+    row = {"model": model, "recipe": "vitlab", "budget_s": 60.0, "seed": seed, "epochs": 2.0 + seed}
+    return row | {"test_accuracy": hits / n, "train_s": 60.0, "parameters": 1, "correct": correct} | extra
+
+
+def test_the_time_to_accuracy_table_gives_seeds_mean_sd_interval_and_the_paired_difference_to_resnet():
+    settings = {"train_images": 100, "test_images": 20, "threads": 1, "hardware": "cpu", "torch": "2"}
+    rows = [_row("resnet", 0, 12), _row("resnet", 1, 14), _row("tinyvit", 1, 11), _row("tinyvit", 0, 10)]
+    old = {
+        k: v for k, v in _row("cnn-small", 0, 16).items() if k not in ("seed", "correct")
+    }  # before --seeds
+    rows += [old, _row("cnn-small", 1, 18)]
+    lines = tta.markdown(rows, settings).splitlines()
+    assert lines[0].startswith(
+        "Test accuracy on 20 CIFAR-10 test images after training on 100 for a wall-clock budget (epochs done "
+        "in brackets; mean ± standard deviation over training seeds, ddof=1); cpu, 1 threads"
+    )
+    # Grid: mean over seeds ± sd (ddof=1: 60% and 70% -> 7.1 points), mean epochs.
+    assert lines[4] == "| resnet | vitlab | 65.0% ± 7.1 (2.5) |"
+    assert lines[6] == "| tinyvit | vitlab | 52.5% ± 3.5 (2.5) |"
+    assert lines[8] == "| cnn-small | vitlab | 85.0% ± 7.1 (2.5) |"  # the old row is seed 0
+    detail = [line for line in lines if line.startswith("| ") and " min | " in line]
+    # cnn-small's seed 0 has no per-image results: no interval for its cell, so no detail line.
+    assert [line.split(" | ")[0] for line in detail] == ["| resnet", "| tinyvit"]
+    bits = {
+        m: {r["seed"]: np.array([int(c) for c in r["correct"]]) for r in rows[i : i + 2]}
+        for m, i in (("r", 0), ("t", 2))
+    }
+    stats = over_seeds(bits["t"], bits["r"])
+    acc, diff = stats.accuracy, stats.vs_baseline
+    assert detail[1] == (
+        f"| tinyvit | vitlab | 1 min | 0, 1 | 52.5% ± 3.5 [{100 * acc.low:.1f}, {100 * acc.high:.1f}] "
+        f"| 50.0, 55.0 | -12.5 ± 3.5 pts [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] | -10.0, -15.0 |"
+    )
+    assert detail[0].endswith("| 60.0, 70.0 | baseline | – |")
+    assert "sample standard deviation, ddof=1" in lines[-1] and "test-set sampling" in lines[-1]
+
+
+def test_recipes_for_any_preset_and_changes_to_try():
+    assert [tta.recipe_of(name) for name in ("resnet", "vit-p2", "cnn-small")] == [
+        "resnet",
+        "tinyvit",
+        "cnn-small",
+    ]
+    assert tta.parse_changes(["batch_size=32", "learning_rate=5e-4"]) == {
+        "batch_size": 32,
+        "learning_rate": 5e-4,
+    }
+    row = _row("tinyvit", 0, 10, changes={"learning_rate": 5e-4, "batch_size": 32})
+    assert tta.recipe_label(row) == "vitlab batch_size=32 learning_rate=0.0005"
+    assert tta.run_key(row) == ("tinyvit", "vitlab batch_size=32 learning_rate=0.0005", 60.0, 0)
+    for bad in (["batch_size"], ["nope=1"], ["batch_size=0"]):
+        with pytest.raises(SystemExit, match="error: --set"):
+            tta.parse_changes(bad)
+
+
+class _Unreadable:
+    """Stands for the test split: reading anything of it fails the test."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the test split was read ({name})")
+
+    def __len__(self) -> int:
+        raise AssertionError("the test split was read (len)")
+
+
+def test_select_mode_trains_every_seed_and_scores_held_out_training_images_never_the_test_set(
+    tmp_path, monkeypatch, capsys
+):
+    data = replace(make_dataset(n_train=40, n_test=20), test=_Unreadable())
+    monkeypatch.setattr(tta, "load_archive", lambda *args: data)
+    seeds, real_train = [], tta.train
+    monkeypatch.setattr(tta, "train", lambda *args: seeds.append(args[-1].seed) or real_train(*args))
+    out = tmp_path / "select"
+    argv = ["--select", "--models", "cnn-small", "resnet", "--recipes", "vitlab", "--budgets", "0.05"]
+    argv += ["--seeds", "0", "1", "--threads", "1", "--out", str(out)]
+    assert tta.main(argv) == 0
+    assert seeds == [0, 1, 0, 1]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["settings"]["train_images"] == 36 and saved["settings"]["val_images"] == 4  # 10% held out
+    assert (saved["settings"]["val_fraction"], saved["settings"]["split_seed"]) == (0.1, 0)
+    rows = saved["rows"]
+    assert [(r["model"], r["seed"]) for r in rows] == [
+        ("cnn-small", 0),
+        ("cnn-small", 1),
+        ("resnet", 0),
+        ("resnet", 1),
+    ]
+    for row in rows:
+        assert "test_accuracy" not in row and len(row["correct"]) == 4
+        assert row["val_accuracy"] == pytest.approx(row["correct"].count("1") / 4, abs=1e-4)
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith(
+        "Validation accuracy on 4 CIFAR-10 training images held out at random (10%, split"
+    )
+    assert "| resnet | vitlab | 0.05 s | 0, 1 |" in table and "| validation accuracy, mean ± sd" in table
+    # Started again, it finds every row done and trains nothing.
+    monkeypatch.setattr(tta, "train", lambda *args: pytest.fail("trained a row that was done"))
+    assert tta.main(argv) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
 
 
 SHARED = BENCHMARKS.parents[1] / "shared" / "data"

@@ -17,7 +17,7 @@ from png_checks import assert_picture
 from vitlab import compare
 from vitlab.compare import RunRecord
 from vitlab.errors import VitlabError
-from vitlab.stats import Interval, bootstrap_ci, paired_bootstrap_diff
+from vitlab.stats import Interval, bootstrap_ci, over_seeds, paired_bootstrap_diff
 
 N = 200
 LABELS = [f"class_{i % 10}" for i in range(N)]
@@ -234,6 +234,185 @@ def test_compare_command_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert main(["compare"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: cannot list the DVC experiments of . (") and error.count("\n") == 1
+
+
+# --- seeds: runs of one configuration that differ only in train.seed ---------------------------------------
+
+
+def _seeds(group: str, arch: str, patch: int | None, accuracies: list[float], **kw) -> list[RunRecord]:
+    """One run per accuracy, seeds 0, 1, ..., named GROUP-sSEED as seed_variants names them."""
+    return [
+        replace(_record(f"{group}-s{s}", arch, patch, _correct(a, 10 + s), **kw), seed=s, group=group)
+        for s, a in enumerate(accuracies)
+    ]
+
+
+def test_a_configurations_seeds_make_one_row_with_mean_sd_and_per_seed_figures(tmp_path):
+    vits = _seeds("p4", "vit", 4, [0.50, 0.55, 0.60])
+    vits[1] = replace(vits[1], history=_record("x", "vit", 4, _correct(0.5, 0), epochs=5).history)
+    cnns = _seeds("cnn", "cnn", None, [0.60, 0.60, 0.65], params=20_000)
+    records = [*cnns, *vits]
+    rows = compare.compare_runs(records, resamples=1000)
+    assert [r.run for r in rows] == ["p4", "cnn"]
+    p4, cnn = rows
+    assert p4.accuracy_over_seeds.seeds == (0, 1, 2)
+    assert p4.accuracy_over_seeds.values == pytest.approx((0.50, 0.55, 0.60))
+    assert p4.accuracy_over_seeds.std == pytest.approx(0.05)  # ddof=1
+    assert p4.vs_baseline_over_seeds.values == pytest.approx((-0.10, -0.05, -0.05))
+    assert (p4.epochs, p4.test_images, cnn.num_parameters) == (5, N, 20_000)  # the most any seed trained
+
+    def correct(group: list[RunRecord]) -> dict[int, np.ndarray]:
+        return {r.seed: r.predictions["correct"].to_numpy(float) for r in group}
+
+    expected = over_seeds(correct(vits), correct(cnns), resamples=1000)
+    assert (p4.test_accuracy, p4.vs_baseline) == (expected.accuracy, expected.vs_baseline)
+    assert p4.test_accuracy.estimate == pytest.approx(0.55)
+    losses = np.mean([r.predictions["loss"] for r in vits], axis=0)
+    assert p4.test_loss == bootstrap_ci(losses, resamples=1000)
+    assert cnn.vs_baseline is None and cnn.vs_baseline_over_seeds is None
+    assert cnn.accuracy_over_seeds.std == pytest.approx(np.std([0.6, 0.6, 0.65], ddof=1))
+
+    compare.write_comparison(records, tmp_path, resamples=1000)
+    table = pd.read_csv(tmp_path / "table.csv", dtype={"seeds": str})
+    assert tuple(table.columns) == compare.TABLE_FIELDS + compare.SEED_FIELDS
+    assert table["seeds"].tolist() == ["0 1 2", "0 1 2"]
+    assert table["test_accuracy_std"].tolist() == pytest.approx(
+        [0.05, np.std([0.6, 0.6, 0.65], ddof=1)],
+        abs=1e-6,  # 6 decimals
+    )
+    assert table["test_accuracy_per_seed"][0] == "0.500000 0.550000 0.600000"
+    assert table["accuracy_vs_baseline_per_seed"][0] == "-0.100000 -0.050000 -0.050000"
+    assert np.isnan(table["accuracy_vs_baseline_std"][1])
+
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert markdown[0] == (
+        "| run | model | patch | params | epochs | seeds | test loss (95% CI) | test accuracy, mean ± sd "
+        "[95% CI] | per seed | vs cnn: Δ accuracy, mean ± sd [95% CI] | per seed |"
+    )
+    acc, diff = p4.test_accuracy, p4.vs_baseline
+    assert markdown[2].endswith(
+        f"| 55.0% ± 5.0 [{100 * acc.low:.1f}, {100 * acc.high:.1f}] | 50.0, 55.0, 60.0 "
+        f"| -6.7 ± 2.9 pts [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] | -10.0, -5.0, -5.0 |"
+    )
+    assert markdown[2].startswith("| p4 | vit | 4 | 1,000 | 5 | 0, 1, 2 | ")
+    assert markdown[3].endswith("| 60.0, 60.0, 65.0 | baseline | – |")
+    assert "sample standard deviation (ddof=1)" in markdown[5] and "test-set sampling only" in markdown[5]
+    assert_picture(tmp_path / "accuracy_vs_patch.png", (700, 450))
+
+
+def test_a_single_seed_group_gives_the_row_a_run_always_had(study, tmp_path):
+    seeded = [replace(r, name=f"{r.name}-s7", seed=7, group=r.name) for r in study]
+    rows = compare.compare_runs(seeded, resamples=500)
+    assert rows == compare.compare_runs(study, resamples=500)
+    assert all(r.accuracy_over_seeds is None and r.vs_baseline_over_seeds is None for r in rows)
+    assert compare.table_csv(rows, "cnn").splitlines()[0] == ",".join(compare.TABLE_FIELDS)
+    assert compare.table_markdown(rows, "cnn", 500, 0) == compare.table_markdown(
+        compare.compare_runs(study, resamples=500), "cnn", 500, 0
+    )
+
+
+def test_runs_that_are_not_one_configurations_seeds_are_refused():
+    twice = _seeds("p4", "vit", 4, [0.5, 0.6])
+    twice[1] = replace(twice[1], seed=0)
+    with pytest.raises(
+        VitlabError, match=r"group 'p4': its runs need distinct train seeds, got p4-s0 \(seed 0\)"
+    ):
+        compare.compare_runs(twice)
+    mixed = _seeds("p4", "vit", 4, [0.5, 0.6])
+    mixed[1] = replace(mixed[1], patch_size=8)
+    with pytest.raises(VitlabError, match=r"runs 'p4-s0' and 'p4-s1' differ in patch_size \(4 vs 8\)"):
+        compare.compare_runs(mixed)
+
+
+def test_seed_variants_name_each_run_and_group_of_reads_the_names_back():
+    variants = compare.seed_variants(compare.study_variants([4], "s"), [0, 3])
+    assert variants == {
+        "s-p4-s0": ["model.name=vit", "model.patch_size=4", "train.seed=0"],
+        "s-p4-s3": ["model.name=vit", "model.patch_size=4", "train.seed=3"],
+        "s-cnn-s0": ["model.name=cnn", "train.seed=0"],
+        "s-cnn-s3": ["model.name=cnn", "train.seed=3"],
+    }
+    assert compare.group_of("s-p4-s3", 3) == "s-p4"
+    assert compare.group_of("s-p4-s3", 2) is None  # the name does not match its own seed: a run of its own
+    assert compare.group_of("s-p4", None) is None
+    predictions = "index,label,predicted,confidence,correct,loss\n0,cat,cat,0.9,1,0.1\n"
+    model = json.dumps({"arch": "vit", "config": {"patch_size": 4}, "num_parameters": 1})
+    record = compare.parse_record("s-p4-s3", predictions, "epoch\n1\n", model, {"train": {"seed": 3}})
+    assert (record.seed, record.group, record.group_name) == (3, "s-p4", "s-p4")
+
+
+def test_experiments_named_as_seeds_must_differ_only_in_the_seed(monkeypatch):
+    import dvc.api
+
+    texts = {
+        "p.csv": "index,label,predicted,confidence,correct,loss\n0,cat,cat,0.9,1,0.1\n1,dog,cat,0.6,0,0.9\n",
+        "h.tsv": "epoch\tval_loss\tval_accuracy\n1\t1.0\t0.5\n",
+        "m.json": json.dumps({"arch": "vit", "config": {"patch_size": 4}, "num_parameters": 9}),
+    }
+    params = {
+        "x-s0": {"model": {"dim": 64}, "train": {"seed": 0, "epochs": 3}},
+        "x-s1": {"model": {"dim": 64}, "train": {"seed": 1, "epochs": 3}},
+    }
+    monkeypatch.setattr(compare, "_read", lambda path, rev, repo, mode="r": texts[path])
+    monkeypatch.setattr(dvc.api, "params_show", lambda repo, rev: params[rev])
+    run_files = compare.RunFiles("p.csv", "h.tsv", "m.json")
+    records = compare.dvc_records(["x-s0", "x-s1"], run_files)
+    assert [(r.group_name, r.seed) for r in records] == [("x", 0), ("x", 1)]
+    params["x-s1"] = {"model": {"dim": 32}, "train": {"seed": 1, "epochs": 4}}
+    with pytest.raises(
+        VitlabError,
+        match=r"'x-s0' and 'x-s1' are named as seeds of one configuration but "
+        r"differ in model\.dim, train\.epochs besides train\.seed",
+    ):
+        compare.dvc_records(["x-s0", "x-s1"], run_files)
+
+
+def test_compare_run_with_seeds_runs_every_variant_once_per_seed(monkeypatch):
+    import vitlab.stages.compare
+    from vitlab.cli import main
+
+    commands = []
+    monkeypatch.setattr(
+        compare.subprocess,
+        "run",
+        lambda command, **_: commands.append(command) or subprocess.CompletedProcess(command, 0),
+    )
+    collected = {}
+    monkeypatch.setattr(
+        vitlab.stages.compare,
+        "compare_experiments",
+        lambda layout, names, baseline, resamples, seed, out: collected.update(
+            names=names, baseline=baseline
+        ),
+    )
+    assert main(["compare", "--run", "--patch-sizes", "4", "--seeds", "0,2", "-S", "train.epochs=2"]) == 0
+    assert all(c[:7] == [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n"] for c in commands)
+    names = ["study-p4-s0", "study-p4-s2", "study-cnn-s0", "study-cnn-s2"]
+    assert [c[7] for c in commands] == names
+    assert commands[1][8:] == [
+        *["-S", "train.epochs=2", "-S", "model.name=vit", "-S", "model.patch_size=4", "-S", "train.seed=2"]
+    ]
+    assert commands[2][8:] == ["-S", "train.epochs=2", "-S", "model.name=cnn", "-S", "train.seed=0"]
+    assert not any("data.seed" in flag for c in commands for flag in c)  # one validation split for all seeds
+    assert collected == {"names": names, "baseline": "study-cnn"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0,1"], "--seeds says which seeds --run trains: add --run"),
+        (["--run", "--seeds", "0,x"], "--seeds: expected comma-separated integers, got '0,x'"),
+        (["--run", "--seeds", "1,1"], "--seeds: expected distinct comma-separated integers, got '1,1'"),
+        (["--run", "--seeds", "-1"], "--seeds: train.seed: got -1; allowed: >= 0"),
+    ],
+)
+def test_bad_seeds_are_one_line_errors_before_any_run(argv, message, monkeypatch, capsys):
+    from vitlab.cli import main
+
+    monkeypatch.setattr(compare.subprocess, "run", lambda *_, **__: pytest.fail("a run started"))
+    assert main(["compare", *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.count("\n") == 1
 
 
 # --- through DVC: a fake pipeline whose one stage writes what the real evaluate and train stages write ----

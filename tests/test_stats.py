@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from vitlab.errors import VitlabError
-from vitlab.stats import Interval, bootstrap_ci, paired_bootstrap_diff
+from vitlab.stats import Interval, SeedSpread, bootstrap_ci, over_seeds, paired_bootstrap_diff
 
 
 def _correct(n: int, hits: int, seed: int = 0) -> np.ndarray:
@@ -184,3 +184,69 @@ def test_bad_input_is_a_clear_error(call, message):
 
 def test_interval_prints_estimate_and_bounds():
     assert str(Interval(0.5, 0.45, 0.55)) == "0.5000 [0.4500, 0.5500]"
+
+
+def _first(n: int, hits: int) -> np.ndarray:
+    """0/1 per item: the first ``hits`` items right, the rest wrong."""
+    return (np.arange(n) < hits).astype(float)
+
+
+def test_a_seed_group_reports_each_seeds_accuracy_their_mean_and_sample_std():
+    # Three seeds right on the first 10, 12 and 14 of 20 images: 50%, 60%, 70%; mean 60%, sd 10 points with
+    # ddof=1 (sqrt(((-.1)^2 + 0 + .1^2) / 2)); with ddof=0 it would be 8.16.
+    n = 20
+    group = over_seeds({2: _first(n, 14), 0: _first(n, 10), 1: _first(n, 12)}, resamples=2000)
+    assert group.accuracy_over_seeds.seeds == (0, 1, 2)
+    assert group.accuracy_over_seeds.values == pytest.approx((0.5, 0.6, 0.7))
+    assert group.accuracy_over_seeds.mean == pytest.approx(0.6)
+    assert group.accuracy_over_seeds.std == pytest.approx(0.1)
+    assert str(group.accuracy_over_seeds) == "0.6000 ± 0.1000 (3 seeds)"
+    # The interval resamples each image's correctness averaged over the seeds: 1 on the first 10 images,
+    # 2/3 on the next 2, 1/3 on the 2 after, 0 on the last 6.
+    averaged = np.array([1.0] * 10 + [2 / 3] * 2 + [1 / 3] * 2 + [0.0] * 6)
+    assert group.accuracy == bootstrap_ci(averaged, resamples=2000)
+    assert group.accuracy.estimate == pytest.approx(0.6)
+    assert group.vs_baseline is None and group.vs_baseline_over_seeds is None
+
+
+def test_a_seed_groups_difference_to_the_baseline_pairs_images_and_seeds():
+    # The group's seeds are right on 12 and 16 of 20 images, the baseline's same seeds on 10 and 10 (other
+    # images for seed 1): per-seed differences +10 and +30 points, mean +20, sd 14.14.
+    n = 20
+    group = {0: _first(n, 12), 1: _first(n, 16)}
+    baseline = {0: _first(n, 10), 1: 1.0 - _first(n, 10)}
+    stats = over_seeds(group, baseline, resamples=2000)
+    assert stats.vs_baseline_over_seeds.values == pytest.approx((0.1, 0.3))
+    assert stats.vs_baseline_over_seeds.std == pytest.approx(0.2 / np.sqrt(2))
+    assert stats.vs_baseline.estimate == pytest.approx(0.2) == stats.vs_baseline_over_seeds.mean
+    averaged, baseline_averaged = (group[0] + group[1]) / 2, np.full(n, 0.5)
+    assert stats.vs_baseline == paired_bootstrap_diff(averaged, baseline_averaged, resamples=2000)
+    # Against a baseline run with other seeds there is no per-seed pairing, but the seed averages still pair.
+    other_seeds = over_seeds(group, {5: baseline[0], 6: baseline[1]}, resamples=2000)
+    assert other_seeds.vs_baseline == stats.vs_baseline and other_seeds.vs_baseline_over_seeds is None
+
+
+def test_a_single_seed_is_exactly_the_single_run_interval_and_difference():
+    a, b = _correct(300, 180, seed=1), _correct(300, 150, seed=2)
+    stats = over_seeds({None: a}, {None: b}, resamples=1000, seed=3)
+    assert stats.accuracy == bootstrap_ci(a, resamples=1000, seed=3)
+    assert stats.vs_baseline == paired_bootstrap_diff(a, b, resamples=1000, seed=3)
+    assert stats.accuracy_over_seeds == SeedSpread((None,), (0.6,))
+    assert stats.accuracy_over_seeds.std is None and str(stats.accuracy_over_seeds) == "0.6000 (1 seed)"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: over_seeds({}), "correct: no seeds' runs"),
+        (
+            lambda: over_seeds({0: np.ones(5), 1: np.ones(4)}),
+            r"correct: the seeds' runs were scored on different numbers of items \(seed 0: 5, seed 1: 4\)",
+        ),
+        (lambda: over_seeds({0: np.ones(5)}, {0: np.ones(4)}), "differ in length: 5 vs 4"),
+        (lambda: over_seeds({0: np.array([1.0, np.nan])}), "correct, seed 0: holds NaN"),
+    ],
+)
+def test_bad_seed_groups_are_a_clear_error(call, message):
+    with pytest.raises(VitlabError, match=message):
+        call()

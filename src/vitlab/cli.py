@@ -111,6 +111,14 @@ def compare(
         str | None, typer.Option(help="run the others are paired with (default: the only CNN run)")
     ] = None,
     patch_sizes: Annotated[str, typer.Option(help="--run: ViT patch sizes, comma-separated")] = "2,4,8",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="--run: train.seed values, comma-separated (0,1,2): each model once per seed, named "
+            "NAME-sSEED, compared as one row (mean ± sd over seeds); data.seed, the validation split, stays "
+            "the same for every seed"
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", "-S", help="--run: KEY=VALUE for every run of the study (repeatable)"),
@@ -126,25 +134,40 @@ def compare(
     ),
 ) -> None:
     """Compare experiments on the same test images: accuracy with 95% bootstrap intervals, paired difference
-    to the CNN baseline, accuracy vs patch size and validation curves (writes reports/compare/)."""
-    from vitlab.compare import run_study, study_variants
+    to the CNN baseline, accuracy vs patch size and validation curves (writes reports/compare/). Experiments
+    named NAME-sSEED that differ only in train.seed are one configuration: mean ± sd over seeds."""
+    from vitlab.compare import run_study, seed_variants, study_variants
     from vitlab.params import parse_params
     from vitlab.stages import Layout
     from vitlab.stages.compare import compare_experiments
 
     names = list(exp or [])
+    if seeds is not None and not run:
+        raise VitlabError("--seeds says which seeds --run trains: add --run (collected runs group by name)")
     if run:
-        try:
-            sizes = [int(p) for p in patch_sizes.split(",") if p.strip()]
-        except ValueError:
-            raise VitlabError(
-                f"--patch-sizes: expected comma-separated integers, got {patch_sizes!r}"
-            ) from None
-        for size in sizes:  # before any run starts, not when the first bad one does
+        sizes = _integers(patch_sizes, "--patch-sizes")
+        train_seeds = _integers(seeds, "--seeds") if seeds is not None else []
+        if seeds is not None and (not train_seeds or len(set(train_seeds)) != len(train_seeds)):
+            raise VitlabError(f"--seeds: expected distinct comma-separated integers, got {seeds!r}")
+        # Before any run starts, not when the first bad one does.
+        for size in sizes:
             parse_params({"model": {"patch_size": size}}, origin="--patch-sizes")
-        names += run_study(study_variants(sizes, prefix), set_ or [], force)
+        for train_seed in train_seeds:
+            parse_params({"train": {"seed": train_seed}}, origin="--seeds")
+        variants = study_variants(sizes, prefix)
+        names += run_study(
+            seed_variants(variants, train_seeds) if train_seeds else variants, set_ or [], force
+        )
         baseline = baseline or f"{prefix}-cnn"
     compare_experiments(Layout(), names, baseline, resamples, seed, out)
+
+
+def _integers(text: str, option: str) -> list[int]:
+    """Comma-separated integers; a one-line VitlabError naming ``option`` otherwise."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise VitlabError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,12 @@ outputs back with ``dvc.api.read`` (``collect_maps`` their attention or Grad-CAM
 Accuracy and loss get BCa bootstrap intervals over the test images; each run's accuracy minus the
 baseline's (the CNN) is bootstrapped over the same images for both (``vitlab.stats``), which is only
 meaningful when both runs saw the same test set, so runs on different test sets are refused.
+
+Runs of one configuration that differ only in ``train.seed`` form a group (``RunRecord.group``; DVC
+experiments named NAME-sSEED by ``seed_variants``) and make one row: the mean and standard deviation of test
+accuracy over the seeds (training noise) beside the bootstrap interval of the seed-averaged correctness
+(test-set sampling), and the same for the difference to the baseline (``vitlab.stats.over_seeds`` defines
+each). A run of its own is a group of one, with the row it always had.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from matplotlib.ticker import MaxNLocator
 from vitlab import files
 from vitlab.errors import VitlabError, one_line
 from vitlab.figures import DPI, save_png
-from vitlab.stats import CONFIDENCE, RESAMPLES, Interval, bootstrap_ci, paired_bootstrap_diff
+from vitlab.stats import CONFIDENCE, RESAMPLES, Interval, SeedSpread, bootstrap_ci, over_seeds
 
 PREDICTION_COLUMNS = ("index", "label", "predicted", "confidence", "correct", "loss")
 CNN_ARCHS = ("cnn", "resnet")
@@ -42,7 +48,8 @@ class RunRecord:
     """One finished run as ``compare_runs`` reads it: its model and its results on the test images.
 
     ``predictions`` holds one row per test image with PREDICTION_COLUMNS (``correct`` 0/1, ``loss`` the
-    image's cross-entropy in nats, ``confidence`` in [0, 1]); ``history`` one row per epoch.
+    image's cross-entropy in nats, ``confidence`` in [0, 1]); ``history`` one row per epoch. Runs with the
+    same ``group`` are one configuration trained with different ``seed``s (``seed_groups``).
     """
 
     name: str
@@ -52,12 +59,22 @@ class RunRecord:
     num_parameters: int
     predictions: pd.DataFrame  # one row per test image, PREDICTION_COLUMNS
     history: pd.DataFrame  # one row per epoch: epoch, val_loss, val_accuracy, ...
+    seed: int | None = None  # train.seed, where known
+    group: str | None = None  # the configuration's name, shared by its seeds' runs; None: the run's name
+
+    @property
+    def group_name(self) -> str:
+        """The row this run is compared in: its ``group``, else its own name."""
+        return self.group or self.name
 
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """One run's line of the comparison: its model, test loss (nats) and accuracy (a share of the test
-    images) with bootstrap intervals, and the paired accuracy difference to the baseline."""
+    """One configuration's line of the comparison (a run, or a group of seeds' runs, named ``run``): its
+    model, test loss (nats) and accuracy (a share of the test images) with bootstrap intervals, and the
+    paired accuracy difference to the baseline; for a group of several seeds also the per-seed accuracies
+    and differences (``vitlab.stats.over_seeds``: the intervals are then those of the seed-averaged
+    per-image values, ``epochs`` the most any seed trained)."""
 
     run: str
     model: str
@@ -69,6 +86,8 @@ class ComparisonRow:
     test_loss: Interval
     test_accuracy: Interval
     vs_baseline: Interval | None  # accuracy minus the baseline's on the same images; None for the baseline
+    accuracy_over_seeds: SeedSpread | None = None  # each seed's test accuracy; None for a single run
+    vs_baseline_over_seeds: SeedSpread | None = None  # each seed's minus the baseline's of the same seed
 
 
 def compare_runs(
@@ -78,61 +97,103 @@ def compare_runs(
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> list[ComparisonRow]:
-    """One row per run, ViTs by patch size first; ``baseline`` names the run the others are paired with
-    (default: the only CNN among the runs; no differences when there is none)."""
+    """One row per configuration (a run, or a group of runs differing only in seed: ``seed_groups``), ViTs
+    by patch size first; ``baseline`` names the configuration the others are paired with (default: the
+    only CNN among them; no differences when there is none).
+
+    A group's test accuracy and difference to the baseline are ``vitlab.stats.over_seeds``'s: the bootstrap
+    intervals resample the test images of each image's correctness averaged over the group's seeds (paired
+    with the baseline group's seed average), and the per-seed figures give their mean and sample standard
+    deviation (ddof=1) over seeds; the test loss is bootstrapped the same way, averaged over seeds.
+    """
     if not records:
         raise VitlabError("no runs to compare")
     names = [r.name for r in records]
     if len(set(names)) != len(names):
         raise VitlabError(f"run names must be unique, got {', '.join(names)}")
+    groups = seed_groups(records)
     baseline = pick_baseline(records, baseline)
     predictions = paired_predictions(records)
-    reference = predictions[baseline]["correct"].to_numpy(float) if baseline else None
 
-    def interval(values: np.ndarray) -> Interval:
-        return bootstrap_ci(values, confidence, resamples, seed)
+    def by_seed(members: list[RunRecord], column: str) -> dict[int | None, np.ndarray]:
+        return {m.seed: predictions[m.name][column].to_numpy(float) for m in members}
 
+    reference = by_seed(groups[baseline], "correct") if baseline else None
     rows = []
-    for record in sorted(records, key=_study_order):
-        frame = predictions[record.name]
-        correct = frame["correct"].to_numpy(float)
-        diff = None
-        if reference is not None and record.name != baseline:
-            diff = paired_bootstrap_diff(correct, reference, confidence, resamples, seed)
+    for name, members in sorted(groups.items(), key=lambda item: _study_order(item[1][0])):
+        paired = reference if name != baseline else None
+        stats = over_seeds(by_seed(members, "correct"), paired, confidence, resamples, seed)
+        loss = np.mean(list(by_seed(members, "loss").values()), axis=0)
+        several = len(members) > 1
+        first = members[0]
         rows.append(
             ComparisonRow(
-                run=record.name,
-                model=record.model,
-                arch=record.arch,
-                patch_size=record.patch_size,
-                num_parameters=record.num_parameters,
-                epochs=len(record.history),
-                test_images=len(frame),
-                test_loss=interval(frame["loss"].to_numpy(float)),
-                test_accuracy=interval(correct),
-                vs_baseline=diff,
+                run=name,
+                model=first.model,
+                arch=first.arch,
+                patch_size=first.patch_size,
+                num_parameters=first.num_parameters,
+                epochs=max(len(m.history) for m in members),
+                test_images=len(predictions[first.name]),
+                test_loss=bootstrap_ci(loss, confidence, resamples, seed),
+                test_accuracy=stats.accuracy,
+                vs_baseline=stats.vs_baseline,
+                accuracy_over_seeds=stats.accuracy_over_seeds if several else None,
+                vs_baseline_over_seeds=stats.vs_baseline_over_seeds if several else None,
             )
         )
     return rows
 
 
+def seed_groups(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """The runs by configuration (``RunRecord.group_name``), in order of first appearance, each group's runs
+    by seed.
+
+    Raises:
+        VitlabError: two runs of a group share a seed (or lack one), or differ in model, architecture,
+            patch size or parameter count (then they are not one configuration).
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(record.group_name, []).append(record)
+    for name, members in groups.items():
+        if len(members) == 1:
+            continue
+        seeds = [m.seed for m in members]
+        if None in seeds or len(set(seeds)) != len(seeds):
+            listed = ", ".join(f"{m.name} (seed {m.seed})" for m in members)
+            raise VitlabError(f"group {name!r}: its runs need distinct train seeds, got {listed}")
+        first, *others = members
+        for field in ("model", "arch", "patch_size", "num_parameters"):
+            for other in others:
+                if getattr(other, field) != getattr(first, field):
+                    raise VitlabError(
+                        f"group {name!r}: runs {first.name!r} and {other.name!r} differ in {field} "
+                        f"({getattr(first, field)} vs {getattr(other, field)}), so they are not one "
+                        "configuration's seeds"
+                    )
+        members.sort(key=lambda m: m.seed)
+    return groups
+
+
 def _study_order(record: RunRecord) -> tuple:
     is_vit = record.patch_size is not None
-    return (not is_vit, record.model, record.patch_size or 0, record.name)
+    return (not is_vit, record.model, record.patch_size or 0, record.group_name)
 
 
 def pick_baseline(records: Sequence[RunRecord], baseline: str | None) -> str | None:
-    """The run the others are paired with: ``baseline`` if given, else the only CNN (None without one).
+    """The configuration the others are paired with (a run's or a seed group's name, ``group_name``):
+    ``baseline`` if given, else the only CNN (None without one).
 
     Raises:
-        VitlabError: ``baseline`` names no run, or it is None and there are several CNN runs.
+        VitlabError: ``baseline`` names no configuration, or it is None and there are several CNN ones.
     """
-    names = [r.name for r in records]
+    names = list(dict.fromkeys(r.group_name for r in records))
     if baseline is not None:
         if baseline not in names:
             raise VitlabError(f"baseline {baseline!r} is not among the runs ({', '.join(names)})")
         return baseline
-    cnns = [r.name for r in records if r.arch in CNN_ARCHS]
+    cnns = list(dict.fromkeys(r.group_name for r in records if r.arch in CNN_ARCHS))
     if len(cnns) > 1:
         raise VitlabError(f"several CNN runs ({', '.join(cnns)}): choose the baseline with --baseline")
     return cnns[0] if cnns else None
@@ -192,16 +253,34 @@ TABLE_FIELDS = (
     "accuracy_vs_baseline_low",
     "accuracy_vs_baseline_high",
 )
+# After TABLE_FIELDS when some configuration ran several seeds: the seeds (space-separated) and, per seed in
+# that order, the test accuracy and its difference to the baseline's run of the same seed, with their
+# sample standard deviations (ddof=1) over seeds. Their means are test_accuracy and accuracy_vs_baseline.
+SEED_FIELDS = (
+    "seeds",
+    "test_accuracy_std",
+    "test_accuracy_per_seed",
+    "accuracy_vs_baseline_std",
+    "accuracy_vs_baseline_per_seed",
+)
 
 
 def table_csv(rows: Sequence[ComparisonRow], baseline: str | None) -> str:
-    """The rows as CSV text with TABLE_FIELDS as header: each interval as estimate, low, high (6 decimals;
-    accuracies as shares, not percent), empty cells where a run has no difference to the baseline."""
+    """The rows as CSV text with TABLE_FIELDS as header (and SEED_FIELDS when a configuration ran several
+    seeds): each interval as estimate, low, high (6 decimals; accuracies as shares, not percent), empty
+    cells where a run has no difference to the baseline or no seeds' spread."""
+    seeded = _seeded(rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, TABLE_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, TABLE_FIELDS + (SEED_FIELDS if seeded else ()), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         diff = row.vs_baseline
+        seed_cells = {}
+        if seeded:
+            seed_cells = _spread_fields("test_accuracy", row.accuracy_over_seeds)
+            seed_cells |= _spread_fields("accuracy_vs_baseline", row.vs_baseline_over_seeds)
+            spread = row.accuracy_over_seeds
+            seed_cells["seeds"] = " ".join(map(str, spread.seeds)) if spread else ""
         writer.writerow(
             {
                 "run": row.run,
@@ -215,9 +294,23 @@ def table_csv(rows: Sequence[ComparisonRow], baseline: str | None) -> str:
                 **_interval_fields("test_accuracy", row.test_accuracy),
                 "baseline": baseline or "",
                 **_interval_fields("accuracy_vs_baseline", diff),
+                **seed_cells,
             }
         )
     return buffer.getvalue()
+
+
+def _seeded(rows: Sequence[ComparisonRow]) -> bool:
+    return any(row.accuracy_over_seeds is not None for row in rows)
+
+
+def _spread_fields(name: str, spread: SeedSpread | None) -> dict[str, str]:
+    if spread is None:
+        return {f"{name}_std": "", f"{name}_per_seed": ""}
+    return {
+        f"{name}_std": "" if spread.std is None else f"{spread.std:.6f}",
+        f"{name}_per_seed": " ".join(f"{value:.6f}" for value in spread.values),
+    }
 
 
 def _interval_fields(name: str, interval: Interval | None) -> dict[str, str]:
@@ -232,18 +325,30 @@ def _interval_fields(name: str, interval: Interval | None) -> dict[str, str]:
 
 def table_markdown(rows: Sequence[ComparisonRow], baseline: str | None, resamples: int, seed: int) -> str:
     """The rows as a Markdown table (accuracy in percent, its difference in points) and a note saying how
-    the intervals were computed (``resamples`` and ``seed`` as given to ``compare_runs``)."""
+    the intervals were computed (``resamples`` and ``seed`` as given to ``compare_runs``). When a
+    configuration ran several seeds, accuracy and difference also give the standard deviation over seeds
+    and the per-seed figures, and the note says what each figure covers."""
+    seeded = _seeded(rows)
     confidence = f"{rows[0].test_accuracy.confidence:.0%}"
-    vs = f"vs {baseline}: Δ accuracy ({confidence} CI)" if baseline else "Δ accuracy"
+    if seeded:
+        vs = f"vs {baseline}: Δ accuracy, mean ± sd [{confidence} CI]" if baseline else "Δ accuracy"
+        head = (
+            f"seeds | test loss ({confidence} CI) | test accuracy, mean ± sd [{confidence} CI] | per seed "
+            f"| {vs} | per seed"
+        )
+    else:
+        vs = f"vs {baseline}: Δ accuracy ({confidence} CI)" if baseline else "Δ accuracy"
+        head = f"test loss ({confidence} CI) | test accuracy ({confidence} CI) | {vs}"
+    columns = 8 + 3 * seeded
     lines = [
-        f"| run | model | patch | params | epochs | test loss ({confidence} CI) "
-        f"| test accuracy ({confidence} CI) | {vs} |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| run | model | patch | params | epochs | {head} |",
+        "| --- | --- |" + " ---: |" * (columns - 2),
     ]
     for row in rows:
         loss, acc, diff = row.test_loss, row.test_accuracy, row.vs_baseline
+        spread, diff_spread = row.accuracy_over_seeds, row.vs_baseline_over_seeds
         if diff is not None:
-            delta = f"{100 * diff.estimate:+.1f} pts [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+            delta = difference_cell(diff, diff_spread)
         else:
             delta = "baseline" if row.run == baseline else "–"
         cells = [
@@ -252,9 +357,12 @@ def table_markdown(rows: Sequence[ComparisonRow], baseline: str | None, resample
             "–" if row.patch_size is None else str(row.patch_size),
             f"{row.num_parameters:,}",
             str(row.epochs),
+            *([", ".join(map(str, spread.seeds)) if spread else "–"] if seeded else []),
             f"{loss.estimate:.3f} [{loss.low:.3f}, {loss.high:.3f}]",
-            f"{100 * acc.estimate:.1f}% [{100 * acc.low:.1f}, {100 * acc.high:.1f}]",
+            accuracy_cell(acc, spread),
+            *([per_seed_cell(spread)] if seeded else []),
             delta,
+            *([per_seed_cell(diff_spread, "+")] if seeded else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -264,11 +372,45 @@ def table_markdown(rows: Sequence[ComparisonRow], baseline: str | None, resample
         "draws the same images for both runs, so an interval that excludes 0 is a difference the test set "
         "resolves.",
     ]
+    if seeded:
+        lines[-1] += (
+            " A configuration trained with several seeds (train.seed) is one row: its accuracy is the mean "
+            "over seeds ± their sample standard deviation (ddof=1), the spread training noise causes; its "
+            "interval bootstraps each image's correctness averaged over the seeds, so it covers test-set "
+            "sampling only, the seeds' models held fixed. Its Δ is that seed average's paired difference to "
+            "the baseline's, ± the standard deviation of the per-seed differences (each seed against the "
+            "baseline's run of the same seed; shown when both ran the same seeds)."
+        )
     return "\n".join(lines) + "\n"
 
 
+def accuracy_cell(accuracy: Interval, spread: SeedSpread | None = None) -> str:
+    """An accuracy (a share) as Markdown: ``60.0% [55.2, 64.5]``, or over several seeds
+    ``60.0% ± 1.0 [55.2, 64.5]`` (± the standard deviation over seeds, in points)."""
+    return (
+        f"{100 * accuracy.estimate:.1f}%{_sd(spread)} [{100 * accuracy.low:.1f}, {100 * accuracy.high:.1f}]"
+    )
+
+
+def difference_cell(diff: Interval, spread: SeedSpread | None = None) -> str:
+    """An accuracy difference (a share) as Markdown points: ``+5.0 pts [+1.2, +8.8]``, or with the per-seed
+    differences' standard deviation ``+5.0 ± 1.0 pts [+1.2, +8.8]``."""
+    return f"{100 * diff.estimate:+.1f}{_sd(spread)} pts [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+
+
+def per_seed_cell(spread: SeedSpread | None, sign: str = "") -> str:
+    """Each seed's figure in percent, in seed order (``sign`` "+": signed points); – without a spread."""
+    return "–" if spread is None else ", ".join(f"{100 * value:{sign}.1f}" for value in spread.values)
+
+
+def _sd(spread: SeedSpread | None) -> str:
+    """`` ± 1.2`` (points) for a spread over several seeds, else nothing."""
+    return "" if spread is None or spread.std is None else f" ± {100 * spread.std:.1f}"
+
+
 def plot_accuracy_vs_patch(rows: Sequence[ComparisonRow], path: str | Path) -> Path:
-    """Test accuracy with its interval per patch size, one line per ViT model; other models as bands."""
+    """Test accuracy with its interval per patch size, one line per ViT model; other models as bands. A
+    configuration of several seeds is its seeds' mean, with each seed's accuracy as a dot."""
     fig = Figure(figsize=(7.0, 4.5), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     vits = [r for r in rows if r.patch_size is not None]
@@ -279,7 +421,13 @@ def plot_accuracy_vs_patch(rows: Sequence[ComparisonRow], path: str | Path) -> P
         err = np.array(
             [[100 * r.test_accuracy.low for r in group], [100 * r.test_accuracy.high for r in group]]
         )
-        ax.errorbar(x, y, yerr=np.abs(err - y), marker="o", capsize=4, label=model)
+        line = ax.errorbar(x, y, yerr=np.abs(err - y), marker="o", capsize=4, label=model)
+        for row in group:
+            if row.accuracy_over_seeds is not None:
+                values = 100 * np.array(row.accuracy_over_seeds.values)
+                ax.plot(
+                    [row.patch_size] * len(values), values, ".", color=line.lines[0].get_color(), alpha=0.5
+                )
     for color, row in zip(("tab:red", "tab:purple", "tab:brown", "tab:gray"), _non_vits(rows), strict=False):
         acc = row.test_accuracy
         label = f"{_label(row.run, row.model)}: {100 * acc.estimate:.1f}%"
@@ -292,7 +440,8 @@ def plot_accuracy_vs_patch(rows: Sequence[ComparisonRow], path: str | Path) -> P
         ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
     ax.set(xlabel="patch size (pixels per side)", ylabel="test accuracy (%)")
     confidence = f"{rows[0].test_accuracy.confidence:.0%}"
-    ax.set_title(f"test accuracy vs patch size ({confidence} bootstrap intervals)", fontsize=10)
+    dots = "; dots: seeds" if _seeded(rows) else ""
+    ax.set_title(f"test accuracy vs patch size ({confidence} bootstrap intervals{dots})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_png(fig, path)
@@ -354,6 +503,25 @@ def study_variants(patch_sizes: Sequence[int], prefix: str) -> dict[str, list[st
     return variants | {f"{prefix}-cnn": ["model.name=cnn"]}
 
 
+def seed_variants(variants: dict[str, list[str]], seeds: Sequence[int]) -> dict[str, list[str]]:
+    """Each variant once per training seed: NAME-sSEED with ``train.seed=SEED`` added to its settings.
+
+    Only ``train.seed`` changes (initial weights, data order, augmentation, dropout); ``data.seed`` stays
+    what params.yaml (or ``-S``) says, so every seed holds out the same validation images and the seeds'
+    runs differ by training noise alone. ``group_of`` maps the names back to NAME.
+    """
+    return {
+        f"{name}-s{s}": [*settings, f"train.seed={s}"] for name, settings in variants.items() for s in seeds
+    }
+
+
+def group_of(name: str, seed: int | None) -> str | None:
+    """The configuration a run named by ``seed_variants`` belongs to: NAME for NAME-sSEED with its own seed
+    (None for any other name: a run of its own)."""
+    suffix = f"-s{seed}"
+    return name.removesuffix(suffix) if seed is not None and name.endswith(suffix) else None
+
+
 def run_study(
     variants: dict[str, list[str]], settings: Sequence[str] = (), force: bool = False, repo: str | Path = "."
 ) -> list[str]:
@@ -402,12 +570,37 @@ def dvc_records(names: Sequence[str], files: RunFiles, repo: str | Path = ".") -
     """Read each named experiment's predictions, history and model description with ``dvc.api``."""
     import dvc.api
 
-    records = []
+    records, configs = [], {}
     for name in names:
         texts = [_read(path, name, repo) for path in (files.predictions, files.history, files.model)]
         params = dvc.api.params_show(repo=str(repo), rev=name)
         records.append(parse_record(name, *texts, params))
+        configs[name] = {k: v for k, v in _flat(params).items() if k != "train.seed"}
+    for members in seed_groups(records).values():
+        first, *others = members
+        for other in others:
+            differ = sorted(
+                k
+                for k in configs[first.name].keys() | configs[other.name].keys()
+                if configs[first.name].get(k) != configs[other.name].get(k)
+            )
+            if differ:
+                raise VitlabError(
+                    f"experiments {first.name!r} and {other.name!r} are named as seeds of one configuration "
+                    f"but differ in {', '.join(differ)} besides train.seed"
+                )
     return records
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as dotted keys: {"train": {"seed": 0}} -> {"train.seed": 0}."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read(path: str, rev: str, repo: str | Path, mode: str = "r") -> Any:
@@ -443,10 +636,12 @@ def collect_maps(
 def parse_record(
     name: str, predictions_csv: str, history_tsv: str, model_json: str, params: dict[str, Any]
 ) -> RunRecord:
-    """A RunRecord from a run's files: predictions.csv, history.tsv, model.json and its params."""
+    """A RunRecord from a run's files: predictions.csv, history.tsv, model.json and its params; its seed is
+    params' ``train.seed``, its group ``group_of`` its name."""
     model = json.loads(model_json)
     arch, config = model["arch"], model["config"]
     preset = params.get("model", {}).get("preset")
+    seed = params.get("train", {}).get("seed")
     return RunRecord(
         name=name,
         model=preset or arch,
@@ -455,4 +650,6 @@ def parse_record(
         num_parameters=int(model["num_parameters"]),
         predictions=pd.read_csv(io.StringIO(predictions_csv)),
         history=pd.read_csv(io.StringIO(history_tsv), sep="\t"),
+        seed=seed,
+        group=group_of(name, seed),
     )
