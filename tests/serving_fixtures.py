@@ -7,6 +7,7 @@ import pickle
 import tarfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +30,15 @@ MODELS = {
 NORM = Normalization(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))  # CIFAR-10's
 
 
-def random_model(arch: str, seed: int = 0) -> nn.Module:
-    """An untrained model whose weights are scaled up to give O(1), varied logits and peaked attention.
+def random_model(arch: str, seed: int = 0, **config: Any) -> nn.Module:
+    """An untrained model (of ``MODELS[arch]`` with ``config``'s keys beside) whose weights are scaled up to
+    give O(1), varied logits and peaked attention.
 
     Freshly initialized models output near-equal logits (top-2 gaps ~1e-6 on real images), so a top-1
     comparison between two runtimes would hinge on rounding noise; these gaps are >1e-4.
     """
     torch.manual_seed(seed)
-    model = build_model(arch, MODELS[arch]).eval()
+    model = build_model(arch, MODELS[arch] | config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

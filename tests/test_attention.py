@@ -61,10 +61,20 @@ def test_patch_attention_picks_the_cls_row_over_patches():
 
 def test_without_a_cls_token_the_maps_average_the_query_rows():
     weights = _random_attention(tokens=16)  # 16 patches, no [CLS]
-    maps = patch_attention(weights, cls_token=False)
+    maps = patch_attention(weights, prefix_tokens=0)
     assert maps.shape == (3, 2, 4, 16)
     torch.testing.assert_close(maps[1, 0, 2], weights[1, 0, 2].mean(dim=0))
     torch.testing.assert_close(maps.sum(-1), torch.ones(3, 2, 4))  # the mean of distributions is one
+
+
+def test_with_a_distillation_token_the_maps_read_the_cls_row_over_the_patches_alone():
+    weights = _random_attention(tokens=18)  # [CLS], DeiT's distillation token, 16 patches
+    torch.testing.assert_close(patch_attention(weights, prefix_tokens=2), weights[..., 0, 2:])
+    rollout = attention_rollout(weights, prefix_tokens=2)
+    assert rollout.shape == (2, 16)
+    layers = weights.mean(2) + torch.eye(18)
+    layers = layers / layers.sum(-1, keepdim=True)
+    torch.testing.assert_close(rollout, (layers[2] @ layers[1] @ layers[0])[:, 0, 2:])
 
 
 def test_rollout_without_a_cls_token_is_what_mean_pooling_reads():
@@ -74,9 +84,9 @@ def test_rollout_without_a_cls_token_is_what_mean_pooling_reads():
     weights = first.view(1, 1, 1, tokens, tokens)
     # (A + I) / 2 has rows [.5, 0, .5], [0, 1, 0], [0, 0, 1]; their mean is what the pooled token draws on.
     expected = torch.tensor([[0.5, 1.0, 1.5]]) / 3
-    torch.testing.assert_close(attention_rollout(weights, cls_token=False), expected)
+    torch.testing.assert_close(attention_rollout(weights, prefix_tokens=0), expected)
     uniform = torch.full((4, 2, 2, 5, 5), 0.2)
-    torch.testing.assert_close(attention_rollout(uniform, cls_token=False), torch.full((2, 5), 0.2))
+    torch.testing.assert_close(attention_rollout(uniform, prefix_tokens=0), torch.full((2, 5), 0.2))
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +130,7 @@ def test_render_summary_describes_the_maps(rendered):
         ({"pool": "mean"}, "mean", 8),
         ({"stem": "conv", "patch_size": 8}, "cls", 4),
         ({"stem": "conv", "patch_size": 2, "pool": "mean", "pos_embed": "sincos"}, "mean", 16),
+        ({"distillation": True}, "cls", 8),
     ],
 )
 def test_vit_variants_draw_on_their_own_token_grid(tmp_path, config, query, grid):

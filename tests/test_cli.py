@@ -58,7 +58,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_unknown_stage_and_missing_model_are_clear_errors(tmp_path, capsys):
     assert main(["stage", "trian"]) == 2
-    assert "unknown stage 'trian' (stages: download, validate, train" in capsys.readouterr().err
+    assert "unknown stage 'trian' (stages: download, validate, teacher, train" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "model.onnx"), str(tmp_path)]) == 2
     assert "model.onnx: no such model file" in capsys.readouterr().err
 

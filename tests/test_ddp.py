@@ -187,3 +187,37 @@ def test_the_train_stage_under_torchrun_writes_its_outputs_from_rank_0(tmp_path)
     history = (tmp_path / "reports/train/history.tsv").read_text().splitlines()
     assert len(history) == 1 + 2
     assert "best val accuracy" in run.stdout
+
+
+# One process of a distilled run: a ViT with a distillation token learns from a small CNN; saves what it ends
+# with under argv[1] as rank{RANK}.pt.
+DISTILL_CHILD = f"""
+import os, sys, torch
+from cifar_fakes import make_dataset
+from vitlab.checkpoint import Normalization
+from vitlab.models import build_model
+from vitlab.params import TrainParams
+from vitlab.train import train
+
+torch.set_num_threads(1)
+data = make_dataset(n_train=64, num_classes=4).train
+torch.manual_seed(0)
+model = build_model("vit", {TINY_VIT!r} | {{"distillation": True}})
+teacher = build_model("cnn", {{"num_classes": 4, "channels": [4]}})
+start = {{k: v.clone() for k, v in model.state_dict().items()}}
+train(model, data, None, Normalization.from_images(data.images), TrainParams(**{CONFIG!r}), teacher=teacher)
+out = f"{{sys.argv[1]}}/rank{{os.environ['RANK']}}.pt"
+torch.save({{"start": start, "weights": model.state_dict()}}, out)
+"""
+
+
+def test_two_processes_distilling_keep_both_heads_in_sync(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(DISTILL_CHILD)
+    run = _torchrun([str(script), str(tmp_path)], tmp_path)
+    assert run.returncode == 0, run.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Each process saw half of every batch: only averaged gradients of both heads end in the same weights.
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+    for key in ("head.weight", "head_dist.weight", "dist_token"):
+        assert not torch.equal(rank0["weights"][key], rank0["start"][key]), key

@@ -195,3 +195,21 @@ def test_ort_fusions_keep_the_attention_output(tmp_path):
     actual_logits, actual_weights = session.run(None, {"images": x.numpy()})
     np.testing.assert_allclose(actual_weights, weights.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(actual_logits, logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_distilled_vit_exports_its_heads_mean_and_its_attention_over_both_prefix_tokens(tmp_path):
+    model = random_model("vit", distillation=True)
+    images, _ = cifar_images(7)
+    x = NORM.to_tensor(torch.as_tensor(images))
+    with torch.no_grad():
+        cls_logits, dist_logits = model.forward_heads(x)
+        weights = model.forward_with_attention(x)[1]
+    assert (cls_logits - dist_logits).abs().max() > 0.1  # two heads that disagree: the mean is no copy of one
+    path = export_onnx(model, tmp_path / "m.onnx", class_names(), NORM, with_attention=True, ort_fusions=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual_logits, actual_weights = session.run(None, {"images": x.numpy()})
+    assert actual_weights.shape == (2, 7, 2, 66, 66)  # depth, N, heads, CLS + distillation + 64 patches
+    np.testing.assert_allclose(actual_logits, ((cls_logits + dist_logits) / 2).numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(actual_weights, weights.numpy(), atol=1e-5, rtol=0)
+    plain = export_onnx(model, tmp_path / "plain.onnx", class_names(), NORM, ort_fusions=True)
+    assert verify_onnx(plain, model, images, NORM)["max_abs_diff"] <= 1e-4

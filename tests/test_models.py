@@ -140,6 +140,7 @@ def test_today_checkpoints_keep_loading():
         "pool": "cls",
         "pos_embed": "learned",
         "drop_path": 0.0,
+        "distillation": False,
     }
 
 

@@ -42,6 +42,12 @@ def test_committed_params_file_is_valid_and_complete():
         ({"model": {"stem": "conv", "patch_size": 1}}, "model.stem=conv halves the image per conv stage"),
         ({"model": {"pos_embed": "sincos", "dim": 30, "heads": 3}}, "model.pos_embed=sincos needs model.dim"),
         ({"model": {"pool": "max"}}, "model.pool: got 'max'; input should be 'cls' or 'mean'"),
+        (
+            {"model": {"pool": "mean", "distillation": True}},
+            "model.distillation=true needs model.pool=cls, not model.pool=mean",
+        ),
+        ({"teacher": {"preset": "vgg"}}, "teacher.preset: got 'vgg'; input should be 'tinyvit', 'vit-tiny'"),
+        ({"teacher": {"epochs": 1}}, "teacher.warmup_epochs=1.0 must be smaller than teacher.epochs=1"),
         ({"model": {"drop_path": 1.0}}, "model.drop_path: got 1.0; allowed: >= 0.0 and < 1.0"),
         (
             {"model": {"name": "resnet", "widths": [8, 16]}},

@@ -70,6 +70,10 @@ def test_repro_writes_every_output(clone):
     assert len(_json(prepared / "meta.json")["class_names"]) == 10
     assert _json(root / "reports" / "validation.json")["success"] is True
 
+    teacher_metrics = _json(root / "reports" / "teacher" / "metrics.json")  # ResNet-20, 10 epochs
+    assert teacher_metrics["num_parameters"] == 272_474 and teacher_metrics["train_images"] == 2025
+    assert (root / "models" / "teacher.pt").is_file() and not (root / "models" / "teacher_state.pt").exists()
+
     params_epochs = 40
     train_metrics = _json(root / "reports" / "train" / "metrics.json")
     assert train_metrics["num_parameters"] > 100_000 and train_metrics["train_images"] == 2025
@@ -199,6 +203,15 @@ def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(clone):
     assert float(row["onnxruntime_test_accuracy"]) == pytest.approx(float(row["test_accuracy"]), abs=1e-6)
 
 
+def test_exp_run_distillation_learns_from_the_teacher_stage_and_exports(clone):
+    root, env = clone
+    overrides = {"model.distillation": "true", "train.epochs": 2, "train.warmup_epochs": 1}
+    row = _exp_run(root, env, "distilled", overrides)
+    assert 0.0 < float(row["test_accuracy"]) <= 1.0
+    # The exported model is the mean of the two heads, as evaluated: ONNX Runtime agrees with PyTorch.
+    assert float(row["onnxruntime_test_accuracy"]) == pytest.approx(float(row["test_accuracy"]), abs=1e-6)
+
+
 @pytest.mark.skipif(
     not CIFAR100_SUBSET.exists(), reason=f"real CIFAR-100 subset not found at {CIFAR100_SUBSET}"
 )
@@ -215,6 +228,8 @@ def test_cifar100_subset_through_the_mirror_parameters(clone):
         "validate.class_balance_tolerance": 1.0,
         "train.epochs": 2,
         "train.warmup_epochs": 1,
+        "teacher.epochs": 2,  # new data retrains the teacher too
+        "teacher.warmup_epochs": 1,
     }
     row = _exp_run(root, env, "c100", overrides)
     assert row["data.dataset"] == "cifar100"

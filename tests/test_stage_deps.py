@@ -12,6 +12,7 @@ import pytest
 import yaml
 from benchmark_modules import load_script
 
+from vitlab.params import TeacherParams, TrainParams
 from vitlab.stages import NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,18 @@ def test_the_closures_hold_what_each_stage_runs_and_not_other_stages_code():
         assert not code[name] & others
     # Download and validate never build a model: editing one leaves them up to date.
     assert not any(path.startswith("src/vitlab/models/") for path in code["download"] | code["validate"])
+
+
+def test_the_teacher_stage_reads_train_less_what_teacher_replaces_and_train_reads_the_teacher():
+    """A student's epochs leave the teacher up to date; a new train key reaches the teacher too."""
+    teacher = DVC_STAGES["teacher"]
+    replaced = TeacherParams.replaced_train_keys()
+    declared = sorted(p.removeprefix("train.") for p in teacher["params"] if p.startswith("train."))
+    assert declared == sorted(set(TrainParams.model_fields) - set(replaced))
+    assert {"teacher", "data.dataset", "data.val_fraction", "data.seed"} <= set(teacher["params"])
+    assert teacher["outs"] == ["models/teacher.pt"]
+    assert "models/teacher.pt" in DVC_STAGES["train"]["deps"]
+    assert "teacher" not in DVC_STAGES["train"]["params"]  # its file is the dependency
 
 
 def test_type_checking_imports_do_not_count_and_imports_inside_functions_do(tmp_path):

@@ -2,9 +2,10 @@
 
 Rollout follows Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers": average the heads, add
 the identity for the residual stream, renormalize rows, multiply the layers; the [CLS] row then says how much
-each input patch flowed into the representation the head classifies. A ViT that mean-pools its tokens has
-no [CLS] token: its classifier reads the average of all token rows, so the maps average the query rows
-instead (the attention each patch receives), which for the rollout is exact.
+each input patch flowed into the representation the head classifies. A distilled ViT (DeiT) has a second
+token before the patches, its distillation token: the maps still read the [CLS] row, over the patches alone.
+A ViT that mean-pools its tokens has no [CLS] token: its classifier reads the average of all token rows, so
+the maps average the query rows instead (the attention each patch receives), which for the rollout is exact.
 
 Both families are drawn in the same layout (one row per test image, the image titled with its prediction,
 then the maps overlaid on it, on one color scale), so a ViT's rollout and a CNN's Grad-CAM can be set side by
@@ -31,11 +32,13 @@ from vitlab.models import describe_model, eval_mode, has_attention
 RELATIVE = "relative to the map's maximum"
 
 
-def attention_rollout(weights: torch.Tensor, cls_token: bool = True) -> torch.Tensor:
+def attention_rollout(weights: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
     """(depth, B, heads, T, T) attention -> (B, patches): each patch's rolled-out share in the pooled token.
 
-    With a [CLS] token that is its row (which sums to 1 over all T tokens, so the patch entries sum to 1
-    minus what stays on [CLS]); without one, the mean of all rows, as the classifier mean-pools the tokens.
+    ``prefix_tokens`` come before the patches (``ViTConfig.num_prefix_tokens``): a [CLS] token (token 0),
+    then DeiT's distillation token. With a [CLS] token the result is its row over the patches (the row sums
+    to 1 over all T tokens, so the patch entries sum to 1 minus what stays on the prefix tokens); with none
+    (0), the mean of all rows, as the classifier mean-pools the tokens.
     """
     tokens = weights.shape[-1]
     eye = torch.eye(tokens, dtype=weights.dtype, device=weights.device)
@@ -44,13 +47,14 @@ def attention_rollout(weights: torch.Tensor, cls_token: bool = True) -> torch.Te
     rollout = layers[0]
     for layer in layers[1:]:
         rollout = layer @ rollout  # later layers mix the token mixtures of earlier ones
-    return rollout[:, 0, 1:] if cls_token else rollout.mean(dim=1)
+    return rollout[:, 0, prefix_tokens:] if prefix_tokens else rollout.mean(dim=1)
 
 
-def patch_attention(weights: torch.Tensor, cls_token: bool = True) -> torch.Tensor:
-    """(depth, B, heads, T, T) -> (depth, B, heads, patches): the [CLS] row over patches, or without a
-    [CLS] token the mean of all query rows (the attention each patch receives)."""
-    return weights[..., 0, 1:] if cls_token else weights.mean(dim=-2)
+def patch_attention(weights: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+    """(depth, B, heads, T, T) -> (depth, B, heads, patches): the [CLS] row over the patches, which follow
+    ``prefix_tokens`` tokens ([CLS], then a distillation token), or without any (0: no [CLS] token) the mean
+    of all query rows (the attention each patch receives)."""
+    return weights[..., 0, prefix_tokens:] if prefix_tokens else weights.mean(dim=-2)
 
 
 def render_attention(
@@ -113,12 +117,13 @@ def _render_vit(
     with eval_mode(model), torch.no_grad():
         logits, weights = model.forward_with_attention(x)
     weights = weights.float().cpu()
-    cls_token = model.config.pool == "cls"
+    prefix_tokens = model.config.num_prefix_tokens
+    cls_token = prefix_tokens > 0
     depth, n, heads, _, _ = weights.shape
     side = model.grid_size  # a conv stem makes its own grid: not always 32 / patch_size
     query = "[CLS] attention" if cls_token else "mean attention received (no [CLS] token: mean pooling)"
     titles, correct = _titles(logits, labels, class_names)
-    per_head = _relative(patch_attention(weights, cls_token)).reshape(depth, n, heads, side, side).numpy()
+    per_head = _relative(patch_attention(weights, prefix_tokens)).reshape(depth, n, heads, side, side).numpy()
     files = []
     for layer in range(depth):
         path = plot_overlays(
@@ -131,7 +136,7 @@ def _render_vit(
             out_dir / f"layer_{layer}.png",
         )
         files.append(path.name)
-    rollout = attention_rollout(weights, cls_token)
+    rollout = attention_rollout(weights, prefix_tokens)
     path = plot_overlays(
         f"attention rollout over all {depth} layers"
         + ("" if cls_token else " (mean of all tokens: no [CLS] token)"),
@@ -157,7 +162,8 @@ def _render_vit(
         # Entropies over patches scaled to [0, 1]: 1 is attention spread evenly, 0 all on one patch.
         "rollout_patch_entropy": round(float(_patch_entropy(rollout).mean()), 4),
         "patch_entropy_by_layer": [
-            round(float(v), 4) for v in _patch_entropy(patch_attention(weights, cls_token)).mean(dim=(1, 2))
+            round(float(v), 4)
+            for v in _patch_entropy(patch_attention(weights, prefix_tokens)).mean(dim=(1, 2))
         ],
     }
 

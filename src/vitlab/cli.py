@@ -80,7 +80,10 @@ def predict(
 @app.command()
 def stage(
     name: Annotated[
-        str, typer.Argument(help="download | validate | train | evaluate | attention | export | inference")
+        str,
+        typer.Argument(
+            help="download | validate | teacher | train | evaluate | attention | export | inference"
+        ),
     ],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:

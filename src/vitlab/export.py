@@ -31,7 +31,10 @@ from vitlab.models import describe_model, eval_mode, has_attention
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 ATTENTION_NAME = "attention"
-ATTENTION_LAYOUT = "(depth, N, heads, T, T) softmax weights; T = patches, + 1 with a CLS token (token 0)"
+ATTENTION_LAYOUT = (
+    "(depth, N, heads, T, T) softmax weights; T = patches, + 1 with a CLS token (token 0), + 1 more with a "
+    "distillation token (token 1)"
+)
 QUANTIZATION_METHODS = ("weight_only", "static")
 WEIGHT_BLOCK_SIZE = 32  # input rows per weight scale (as llama.cpp's Q8_0); divides every ViT preset's widths
 

@@ -94,6 +94,10 @@ class ViTConfig(ArchConfig):
     drop_path: float = Field(
         0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the last block, rising from 0 at the first"
     )
+    distillation: bool = Field(
+        False,
+        description="DeiT: a distillation token after CLS and a second head, taught by the teacher stage",
+    )
 
     @model_validator(mode="after")
     def _geometry(self) -> ViTConfig:
@@ -117,6 +121,15 @@ class ViTConfig(ArchConfig):
             raise ValueError(f"pos_embed=sincos needs dim={self.dim} to be divisible by 4")
         return self
 
+    @model_validator(mode="after")
+    def _distillation_beside_cls(self) -> ViTConfig:
+        if self.distillation and self.pool != "cls":
+            raise ValueError(
+                f"distillation=true needs pool=cls, not pool={self.pool}: DeiT's distillation token and head "
+                "sit beside the CLS token and its head"
+            )
+        return self
+
     @property
     def inner_dim(self) -> int:
         """Width of the concatenated heads: heads x head_dim (dim when head_dim is unset)."""
@@ -133,9 +146,15 @@ class ViTConfig(ArchConfig):
         return self.grid_size**2
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the CLS token (token 0) with ``pool="cls"``, then DeiT's distillation
+        token (token 1) with ``distillation``."""
+        return (self.pool == "cls") + self.distillation
+
+    @property
     def num_tokens(self) -> int:
-        """Sequence length: the patches, plus the CLS token with ``pool="cls"``."""
-        return self.num_patches + (self.pool == "cls")
+        """Sequence length: the prefix tokens, then the patches."""
+        return self.num_prefix_tokens + self.num_patches
 
 
 class CNNConfig(ArchConfig):
@@ -344,17 +363,33 @@ ModelParams = create_model(
 )
 
 
+# The length of a training run and its schedule, in the train section and (the teacher's run) the teacher's.
+Epochs = Annotated[int, Field(gt=0)]
+WarmupEpochs = Annotated[float, Field(ge=0.0, description="linear warmup, then cosine decay to 0")]
+TimeBudget = Annotated[
+    float | None,
+    Field(gt=0.0, description="stop after so many seconds; the LR schedule follows time (not repeatable)"),
+]
+
+
+def _check_warmup(section: str, warmup_epochs: float, epochs: int) -> None:
+    if warmup_epochs >= epochs:
+        raise ValueError(
+            f"{section}.warmup_epochs={warmup_epochs} must be smaller than {section}.epochs={epochs}"
+        )
+
+
 class TrainParams(_FromDataset):
     """train: the optimizer, schedule, augmentation and run settings ``vitlab.train.train`` reads; the crop
     padding and flips default to the dataset's (DatasetSpec.crop_padding, flip)."""
 
     section: ClassVar[str] = "train"
 
-    epochs: int = Field(40, gt=0)
+    epochs: Epochs = 40
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
-    warmup_epochs: float = Field(3.0, ge=0.0, description="linear warmup, then cosine decay to 0")
+    warmup_epochs: WarmupEpochs = 3.0
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
     crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
@@ -369,9 +404,7 @@ class TrainParams(_FromDataset):
         "auto", description="bf16 autocast: auto turns it on on CUDA (it measured slower on CPU)"
     )
     compile: bool = Field(False, description="torch.compile the model (worth it on a GPU)")
-    time_budget_s: float | None = Field(
-        None, gt=0.0, description="stop after so many seconds; the LR schedule follows time (not repeatable)"
-    )
+    time_budget_s: TimeBudget = None
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: Seed = 0
     resume: bool = Field(
@@ -380,11 +413,36 @@ class TrainParams(_FromDataset):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"train.warmup_epochs={self.warmup_epochs} must be smaller than train.epochs={self.epochs}"
-            )
+        _check_warmup("train", self.warmup_epochs, self.epochs)
         return self
+
+
+class TeacherParams(Section):
+    """teacher: the CNN a ViT with ``model.distillation`` learns from (DeiT; Touvron et al., 2021), trained by
+    the teacher stage on the student's training images with the train section's recipe; this section holds
+    what differs: the architecture, and the length of the run (the train keys of the same names)."""
+
+    preset: Literal[tuple(PRESETS)] = Field(  # type: ignore[valid-type]
+        "resnet", description="the teacher's architecture, a model.preset (resnet: ResNet-20)"
+    )
+    epochs: Epochs = 10
+    warmup_epochs: WarmupEpochs = 1.0
+    time_budget_s: TimeBudget = None
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TeacherParams:
+        _check_warmup("teacher", self.warmup_epochs, self.epochs)
+        return self
+
+    @classmethod
+    def replaced_train_keys(cls) -> list[str]:
+        """The train section's keys this section replaces for the teacher: epochs, warmup_epochs,
+        time_budget_s."""
+        return [key for key in cls.model_fields if key in TrainParams.model_fields]
+
+    def recipe(self, train: TrainParams) -> TrainParams:
+        """The teacher's training: the train section ``train`` with this section's ``replaced_train_keys``."""
+        return train.model_copy(update={key: getattr(self, key) for key in self.replaced_train_keys()})
 
 
 class EvaluateParams(Section):
@@ -434,6 +492,7 @@ class Params(Section):
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    teacher: TeacherParams = TeacherParams()
     evaluate: EvaluateParams = EvaluateParams()
     attention: AttentionParams = AttentionParams()
     export: ExportParams = ExportParams()

@@ -13,6 +13,10 @@ Under ``torchrun`` the same call trains on every process with DistributedDataPar
 ``batch_size`` is the global batch, split evenly over the processes, so the schedule does not depend on how
 many there are (nor, augmentation draws aside, the result); only rank 0 saves state and reports epochs.
 
+With a ``teacher``, the model (a ViT with ``distillation``) learns by DeiT's hard-label distillation
+(vitlab.distill): its class head the labels, its distillation head the teacher's predictions on the same
+augmented batch.
+
 A run that diverges (a non-finite loss, gradient norm or weight) stops at once with a VitlabError naming the
 epoch, the step and the params to change, before anything of that epoch is saved (see ``_Watch``).
 
@@ -44,13 +48,15 @@ from tqdm import tqdm
 
 from vitlab.checkpoint import UNREADABLE, Normalization, save_torch
 from vitlab.data.augment import BatchAugment
-from vitlab.data.prepared import Split
+from vitlab.data.prepared import PreparedDataset, Split
 from vitlab.device import hardware_description, select_device
+from vitlab.distill import BothHeads, distillation_loss
 from vitlab.distributed import World, process_group
 from vitlab.errors import VitlabError
 from vitlab.evaluate import predict_logits
-from vitlab.models import describe_model
-from vitlab.params import TrainParams
+from vitlab.models import describe_model, distills
+from vitlab.models.vit import mean_of_heads
+from vitlab.params import DataParams, TrainParams
 
 
 @dataclass
@@ -107,6 +113,14 @@ def split_train_val(split: Split, val_fraction: float, seed: int) -> tuple[Split
         Split(split.images[train_idx], split.labels[train_idx]),
         Split(split.images[val_idx], split.labels[val_idx]),
     )
+
+
+def training_data(dataset: PreparedDataset, data: DataParams) -> tuple[Split, Split | None, Normalization]:
+    """What the train and teacher stages train on: the training split less the seeded hold-out
+    (``split_train_val`` with data.val_fraction and data.seed), the hold-out, and the normalization of the
+    images trained on; one definition, so that a teacher sees the very inputs its student sees."""
+    train_split, val_split = split_train_val(dataset.train, data.val_fraction, data.seed)
+    return train_split, val_split, Normalization.from_images(train_split.images)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -169,6 +183,7 @@ def train(
     params: TrainParams,
     on_epoch: Callable[[dict[str, float]], Any] | None = None,
     state_path: str | Path | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with ``params`` (params.yaml's train section); at the end it holds the
     weights of the best validation epoch (the last epoch's without ``val_split``).
@@ -183,14 +198,25 @@ def train(
     (``run_digest``), training continues after its last epoch; any other file is ignored and overwritten.
     The file is left in place: the caller deletes it once the final outputs are saved.
 
+    ``teacher``, a trained model of the same classes (``vitlab.distill.load_teacher``), is required by a
+    model that ``distills`` and refused by any other: each step it predicts the augmented batch, in eval mode
+    and without gradients, and the loss is ``distillation_loss`` with the label smoothing on the true labels.
+    The train_accuracy of such a run is that of the two heads' mean, what evaluation reads.
+
     Under torchrun (RANK, WORLD_SIZE set) every process calls this with the same arguments; rank 0 alone
     writes the state and calls ``on_epoch``.
 
-    Raises VitlabError for a batch size the processes cannot share, an unavailable device, or a run that
-    diverges: a non-finite loss, gradient norm or weight stops every process at once, naming the epoch, the
-    step and the params to change, before that epoch's state is saved (an earlier epoch's stays: only a run
-    with the very same params resumes from it, and would diverge again).
+    Raises VitlabError for a missing or unwanted teacher, a batch size the processes cannot share, an
+    unavailable device, or a run that diverges: a non-finite loss, gradient norm or weight stops every process
+    at once, naming the epoch, the step and the params to change, before that epoch's state is saved (an
+    earlier epoch's stays: only a run with the very same params resumes from it, and would diverge again).
     """
+    if distills(model) != (teacher is not None):
+        raise VitlabError(
+            "model.distillation is on: training needs a teacher (the teacher stage's models/teacher.pt)"
+            if teacher is None
+            else "a teacher teaches only a ViT with model.distillation on"
+        )
     with process_group(select_device(params.device)) as world:
         device = world.device
         if params.batch_size % world.size:
@@ -199,13 +225,17 @@ def train(
                 "processes"
             )
         torch.manual_seed(params.seed + world.rank)  # dropout masks differ from one process to the next
-        digest = run_digest(model, train_split, val_split, norm, params, world.size) if state_path else ""
+        digest = (
+            run_digest(model, train_split, val_split, norm, params, world.size, teacher) if state_path else ""
+        )
         _speed_up(device)
         generator = torch.Generator().manual_seed(params.seed + world.rank)  # augmentation, per process
         channels_last = uses_channels_last(model)
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(device).eval()  # DeiT's teacher: batch norm on its running statistics
         images = torch.as_tensor(train_split.images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 NCHW
         labels = torch.as_tensor(train_split.labels).to(device)
         sampler = world.sampler(len(labels), params.seed)
@@ -240,7 +270,8 @@ def train(
             result.history, best_state = state["history"], state["best_model"]
             result.best_epoch, result.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
             first_epoch = state["epoch"] + 1
-        net = world.wrap(model)  # DDP starts by copying rank 0's (restored) weights to every process
+        # DDP starts by copying rank 0's (restored) weights to every process
+        net = world.wrap(model if teacher is None else BothHeads(model))
         if params.compile:
             net = torch.compile(net)
         clock.start(state["wall_time_s"] if state is not None else 0.0)
@@ -267,8 +298,15 @@ def train(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(params.amp, device):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits, targets, label_smoothing=params.label_smoothing)
+                    if teacher is None:
+                        logits = net(x)
+                        loss = F.cross_entropy(logits, targets, label_smoothing=params.label_smoothing)
+                    else:
+                        heads = net(x)  # the class and distillation heads' logits
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                        loss = distillation_loss(*heads, targets, teacher_logits, params.label_smoothing)
+                        logits = mean_of_heads(*heads)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 watch.record(step, loss.detach(), _grad_norm(trainable))
@@ -482,14 +520,16 @@ def run_digest(
     norm: Normalization,
     params: TrainParams,
     world_size: int = 1,
+    teacher: nn.Module | None = None,
 ) -> str:
-    """A fingerprint of everything a run's result depends on: architecture, starting weights, data, config
-    and the number of processes (each has its own random streams)."""
+    """A fingerprint of everything a run's result depends on: architecture, starting weights, data, config,
+    the number of processes (each has its own random streams) and the teacher, if any."""
     config = params.model_dump(exclude={"resume"}) | {"world_size": world_size}
-    digest = hashlib.sha256(
-        json.dumps([describe_model(model), config, asdict(norm)], sort_keys=True).encode()
-    )
-    arrays = [t.detach().cpu().contiguous().numpy() for t in model.state_dict().values()]
+    teachers = [] if teacher is None else [teacher]
+    described = [describe_model(model), config, asdict(norm), *map(describe_model, teachers)]
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    weights = [t for m in (model, *teachers) for t in m.state_dict().values()]
+    arrays = [t.detach().cpu().contiguous().numpy() for t in weights]
     for split in (train_split, val_split):
         if split is not None:
             arrays += [split.images, split.labels]

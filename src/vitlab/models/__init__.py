@@ -31,6 +31,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "describe_model",
+    "distills",
     "eval_mode",
     "has_attention",
     "preset_config",
@@ -102,6 +103,12 @@ def has_attention(model: nn.Module) -> bool:
     """Whether ``model`` returns its attention weights (``forward_with_attention``): a ViT does, the CNN,
     ResNet and MLP baselines do not."""
     return callable(getattr(model, "forward_with_attention", None))
+
+
+def distills(model: nn.Module) -> bool:
+    """Whether ``model`` learns from a teacher (DeiT): a ViT with ``distillation`` on, whose training reads
+    both heads (``forward_heads``, vitlab.distill)."""
+    return bool(getattr(model.config, "distillation", False))
 
 
 def count_parameters(model: nn.Module) -> int:

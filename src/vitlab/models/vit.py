@@ -12,6 +12,11 @@ trained from scratch on small data, are config fields:
 - ``pool="mean"``: global average pooling of the patch tokens instead of a CLS token;
 - ``pos_embed="sincos"``: fixed 2D sin-cos positions (as in MAE) instead of learned ones;
 - ``drop_path``: stochastic depth (Huang et al., 2016), its rate rising linearly over the blocks.
+
+``distillation`` makes it DeiT's distilled ViT (Touvron et al., 2021; facebookresearch/deit's
+DistilledVisionTransformer): a distillation token after the CLS token and a second head on it, which learns
+a teacher's predictions (``forward_heads``, vitlab.distill); ``forward`` returns the mean of the two heads'
+logits, DeiT's prediction, so evaluation, export and serving see one output as for any other model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.compat import import_torchvision
+from vitlab.errors import VitlabError
 from vitlab.params import ViTConfig
 
 CONV_STEM_WIDTH = 64  # CCT's in_planes: channels between its tokenizer's conv stages
@@ -102,10 +108,11 @@ class ViT(nn.Module):
             else nn.Conv2d(config.in_channels, config.dim, config.patch_size, stride=config.patch_size)
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if config.pool == "cls" else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if config.distillation else None
         if config.pos_embed == "sincos":
             positions = sincos_2d(config.grid_size, config.dim)
-            if config.pool == "cls":
-                positions = torch.cat([torch.zeros(1, config.dim), positions])  # CLS has no position (MAE)
+            # CLS (and DeiT's distillation token) have no position (MAE)
+            positions = torch.cat([torch.zeros(config.num_prefix_tokens, config.dim), positions])
             # Not persistent: computed, so checkpoints hold only what was learned.
             self.register_buffer("pos_embed", positions[None], persistent=False)
         else:
@@ -115,11 +122,13 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.num_classes)
+        self.head_dist = nn.Linear(config.dim, config.num_classes) if config.distillation else None
         self.apply(_init_weights)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for token in (self.cls_token, self.dist_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
 
     @property
     def grid_size(self) -> int:
@@ -127,27 +136,57 @@ class ViT(nn.Module):
         return self.config.grid_size
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, classes) and each layer's attention weights (depth, B, heads, T, T), where T is the
-        number of tokens: patches + 1 with a CLS token (token 0), patches alone with mean pooling."""
+        """Logits (B, classes) and each layer's attention weights (depth, B, heads, T, T), where T is
+        ``config.num_tokens``: the prefix tokens (a CLS token, token 0, then with ``distillation`` DeiT's
+        distillation token, token 1), then the patches; patches alone with mean pooling."""
         logits, weights = self._forward(x, need_weights=True)
         return logits, torch.stack(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized float images (B, in_channels, image_size, image_size) -> logits (B, num_classes)."""
+        """Normalized float images (B, in_channels, image_size, image_size) -> logits (B, num_classes); with
+        ``distillation`` the mean of the class and distillation heads' logits (DeiT's prediction)."""
         return self._forward(x, need_weights=False)[0]
 
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeiT's training output: images as ``forward`` takes them -> the class head's logits (B, classes),
+        read from the CLS token, and the distillation head's (B, classes), from the distillation token.
+
+        Raises VitlabError for a ViT built without ``distillation``.
+        """
+        if self.head_dist is None:
+            raise VitlabError("this ViT has no distillation head: build it with distillation=true")
+        return self._heads(self._tokens(x, need_weights=False)[0])
+
     def _forward(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, weights = self._tokens(x, need_weights)
+        if self.head_dist is not None:
+            return mean_of_heads(*self._heads(x)), weights
+        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, dim)
+        return self.head(self.norm(x)), weights
+
+    def _tokens(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images -> the last block's tokens (B, T, dim), and each block's attention weights if asked for."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim), N = grid_size**2
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, dim)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)  # (B, num_prefix_tokens + N, dim)
         x = self.dropout(x + self.pos_embed)
         weights = []
         for block in self.blocks:
             x, w = block(x, need_weights)
             if w is not None:
                 weights.append(w)
-        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, dim)
-        return self.head(self.norm(x)), weights
+        return x, weights
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's tokens (B, T, dim) -> the class and distillation heads' logits (B, classes)."""
+        cls, dist = self.norm(x[:, :2]).unbind(dim=1)
+        return self.head(cls), self.head_dist(dist)
+
+
+def mean_of_heads(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT's prediction from its two heads' logits (B, classes) each: their mean (Touvron et al., 2021)."""
+    return (cls_logits + dist_logits) / 2
 
 
 def conv_stem(config: ViTConfig) -> nn.Sequential:

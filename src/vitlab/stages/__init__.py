@@ -22,8 +22,8 @@ from vitlab.errors import VitlabError
 if TYPE_CHECKING:
     from vitlab.params import Params
 
-# dvc.yaml's order: download -> validate -> train -> evaluate -> attention -> export -> inference
-NAMES = ("download", "validate", "train", "evaluate", "attention", "export", "inference")
+# dvc.yaml's order: download -> validate -> teacher -> train -> evaluate -> attention -> export -> inference
+NAMES = ("download", "validate", "teacher", "train", "evaluate", "attention", "export", "inference")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Layout:
     raw_dir: Path = Path("data/raw")  # download cache, md5-verified on reuse
     prepared_dir: Path = Path("data/prepared")
     validation: Path = Path("reports/validation.json")
+    teacher: Path = Path("models/teacher.pt")  # the CNN a ViT with model.distillation learns from
+    teacher_state: Path = Path("models/teacher_state.pt")  # resume point while training the teacher
+    teacher_metrics: Path = Path("reports/teacher/metrics.json")
     checkpoint: Path = Path("models/model.pt")
     train_state: Path = Path("models/train_state.pt")  # resume point while training; deleted at the end
     train_metrics: Path = Path("reports/train/metrics.json")

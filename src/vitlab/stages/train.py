@@ -5,38 +5,47 @@ from __future__ import annotations
 import torch
 
 from vitlab import files
-from vitlab.checkpoint import Normalization, save_checkpoint
+from vitlab.checkpoint import save_checkpoint
 from vitlab.data.prepared import load_prepared
+from vitlab.distill import load_teacher
 from vitlab.distributed import is_main_process
 from vitlab.figures import animate_training, plot_training_curves
-from vitlab.models import build_model, count_parameters
+from vitlab.models import build_model, count_parameters, distills
 from vitlab.params import Params
 from vitlab.stages import Layout
 from vitlab.tracking import Tracker
-from vitlab.train import split_train_val, train
+from vitlab.train import train, training_data
 
 
 def run(params: Params, layout: Layout) -> None:
     """Train, then save the best-on-validation weights, the history, curves and metrics (rank 0 only under
-    torchrun). The resume state ``layout.train_state`` is deleted once every output is written."""
+    torchrun). The resume state ``layout.train_state`` is deleted once every output is written. A ViT with
+    ``model.distillation`` learns from the teacher stage's ``layout.teacher`` (DeiT)."""
     dataset = load_prepared(layout.prepared_dir)
-    train_split, val_split = split_train_val(dataset.train, params.data.val_fraction, params.data.seed)
-    norm = Normalization.from_images(train_split.images)
+    train_split, val_split, norm = training_data(dataset, params.data)
     torch.manual_seed(params.train.seed)  # fixes the weight initialization too
     model = build_model(params.model.name, params.model.config(dataset.num_classes, *dataset.train.geometry))
+    teacher = (
+        load_teacher(layout.teacher, dataset.class_names, dataset.train.geometry) if distills(model) else None
+    )
     n_params = count_parameters(model)
     n_val = len(val_split) if val_split else 0
     name = params.model.preset or params.model.name
-    print(f"{name}: {n_params:,} parameters; {len(train_split)} train / {n_val} val images")
+    taught = f"; distilled from {layout.teacher}" if teacher is not None else ""
+    print(f"{name}: {n_params:,} parameters; {len(train_split)} train / {n_val} val images{taught}")
     if not is_main_process():  # another torchrun process: it trains beside rank 0, which writes everything
-        train(model, train_split, val_split, norm, params.train, state_path=layout.train_state)
+        train(
+            model, train_split, val_split, norm, params.train, state_path=layout.train_state, teacher=teacher
+        )
         return
     with Tracker(config=params.model_dump(by_alias=True) | {"num_parameters": n_params}) as tracker:
 
         def on_epoch(row: dict[str, float]) -> None:
             tracker.log(row, step=int(row["epoch"]))
 
-        result = train(model, train_split, val_split, norm, params.train, on_epoch, layout.train_state)
+        result = train(
+            model, train_split, val_split, norm, params.train, on_epoch, layout.train_state, teacher
+        )
         save_checkpoint(layout.checkpoint, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
         files.write_tsv(layout.train_history, result.history)
         plot_training_curves(result.history, layout.train_curves)
