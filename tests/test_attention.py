@@ -89,6 +89,35 @@ def test_rollout_without_a_cls_token_is_what_mean_pooling_reads():
     torch.testing.assert_close(attention_rollout(uniform, prefix_tokens=0), torch.full((2, 5), 0.2))
 
 
+def test_rollout_with_sequence_pooling_weighs_the_rows_as_the_pooling_does():
+    tokens = 3
+    first = torch.eye(tokens)
+    first[0] = torch.tensor([0.0, 0.0, 1.0])  # layer 0: token 0 reads token 2
+    weights = first.view(1, 1, 1, tokens, tokens)
+    # (A + I) / 2 has rows [.5, 0, .5], [0, 1, 0], [0, 0, 1]; pooling reads them with weights .5, .25, .25.
+    pool_weights = torch.tensor([[0.5, 0.25, 0.25]])
+    expected = torch.tensor([[0.25, 0.25, 0.5]])
+    torch.testing.assert_close(attention_rollout(weights, pool_weights=pool_weights), expected)
+    # Equal weights are mean pooling; all weight on token 0 is token 0's row, as a CLS token's.
+    weights = _random_attention(tokens=16)
+    uniform = torch.full((2, 16), 1 / 16)
+    mean = attention_rollout(weights, prefix_tokens=0)
+    torch.testing.assert_close(attention_rollout(weights, pool_weights=uniform), mean)
+    first_token = torch.zeros(2, 16)
+    first_token[:, 0] = 1.0
+    cls_row = attention_rollout(weights)  # token 0's row over tokens 1..15
+    torch.testing.assert_close(attention_rollout(weights, pool_weights=first_token)[:, 1:], cls_row)
+
+
+def test_patch_attention_with_sequence_pooling_weighs_the_query_rows():
+    weights = _random_attention(tokens=16)
+    pool_weights = torch.rand(2, 16, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    maps = patch_attention(weights, prefix_tokens=0, pool_weights=pool_weights)
+    assert maps.shape == (3, 2, 4, 16)
+    torch.testing.assert_close(maps[1, 0, 2], pool_weights[0] @ weights[1, 0, 2])
+    torch.testing.assert_close(maps.sum(-1), torch.ones(3, 2, 4))  # a weighted mean of distributions
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     model = random_model("vit").train()
@@ -131,6 +160,8 @@ def test_render_summary_describes_the_maps(rendered):
         ({"stem": "conv", "patch_size": 8}, "cls", 4),
         ({"stem": "conv", "patch_size": 2, "pool": "mean", "pos_embed": "sincos"}, "mean", 16),
         ({"distillation": True}, "cls", 8),
+        ({"stem": "spt", "lsa": True, "qkv_bias": False}, "cls", 8),
+        ({"stem": "conv", "pool": "seq", "qkv_bias": False}, "seq", 8),
     ],
 )
 def test_vit_variants_draw_on_their_own_token_grid(tmp_path, config, query, grid):
@@ -140,9 +171,41 @@ def test_vit_variants_draw_on_their_own_token_grid(tmp_path, config, query, grid
     summary = render_attention(model, images, labels, class_names(), NORM, tmp_path)
     assert (summary["query"], summary["patch_grid"]) == (query, [grid, grid])
     assert 0 < summary["rollout_patch_entropy"] <= 1
-    for name in ("layer_1.png", "rollout.png"):
-        maps = 2 if name.startswith("layer") else 1
+    # Sequence pooling's weights are drawn beside the rollout.
+    rollout_maps = 2 if query == "seq" else 1
+    for name, maps in (("layer_1.png", 2), ("rollout.png", rollout_maps)):
         assert_picture(tmp_path / name, inches_to_pixels(overlay_inches(2, maps)))
+
+
+def test_sequence_pooling_maps_use_the_pooled_row(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("vit", {"depth": 2, "dim": 32, "heads": 2, "mlp_dim": 64, "pool": "seq"}).eval()
+    model.attention_pool.weight.data.normal_()  # peaked pooling: far from mean pooling's equal weights
+    images, labels = cifar_images(3)
+    x = NORM.to_tensor(torch.as_tensor(images))
+    with torch.no_grad():
+        _, weights, pool_weights = model.forward_with_maps(x)
+    assert pool_weights.amax() > 4 / 64
+    drawn = {}
+
+    def record(heading, images, titles, correct, maps, colorbar_label, path, smooth=False):
+        drawn[path.name] = (heading, dict(maps))
+        return path
+
+    monkeypatch.setattr("vitlab.attention.plot_overlays", record)
+    summary = render_attention(model, images, labels, class_names(), NORM, tmp_path)
+    heading, maps = drawn["rollout.png"]
+    assert list(maps) == ["rollout", "sequence pooling"] and "sequence pooling" in heading
+    rollout = attention_rollout(weights, pool_weights=pool_weights)
+    for name, expected in (("rollout", rollout), ("sequence pooling", pool_weights)):
+        expected = expected / expected.amax(dim=-1, keepdim=True)
+        np.testing.assert_allclose(maps[name], expected.reshape(3, 8, 8).numpy(), rtol=1e-5, atol=1e-6)
+    layer = patch_attention(weights, pool_weights=pool_weights)[1]  # (B, heads, patches)
+    layer = layer / layer.amax(dim=-1, keepdim=True)
+    np.testing.assert_allclose(
+        drawn["layer_1.png"][1]["head 1"], layer[:, 1].reshape(3, 8, 8).numpy(), rtol=1e-5
+    )
+    assert summary["query"] == "seq"
 
 
 def test_a_cnn_gets_grad_cam_in_the_rollout_layout(tmp_path):

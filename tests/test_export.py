@@ -7,9 +7,11 @@ import pytest
 import torch
 from serving_fixtures import MODELS, NORM, cifar_images, class_names, random_model
 
+from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError
 from vitlab.export import ensure_parity, export_onnx, verify_onnx
 from vitlab.inference import Classifier
+from vitlab.models import build_model
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -213,3 +215,41 @@ def test_a_distilled_vit_exports_its_heads_mean_and_its_attention_over_both_pref
     np.testing.assert_allclose(actual_weights, weights.numpy(), atol=1e-5, rtol=0)
     plain = export_onnx(model, tmp_path / "plain.onnx", class_names(), NORM, ort_fusions=True)
     assert verify_onnx(plain, model, images, NORM)["max_abs_diff"] <= 1e-4
+
+
+# The small-data options in tiny ViTs: each alone on MNIST's geometry, all together on CIFAR's.
+SMALL_DATA_OPTIONS = {
+    "seq-pool-mnist": {"stem": "conv", "pool": "seq", "image_size": 28, "in_channels": 1},
+    "spt-mnist": {"stem": "spt", "image_size": 28, "in_channels": 1},
+    "lsa-mnist": {"lsa": True, "image_size": 28, "in_channels": 1},
+    "no-qkv-bias-mnist": {"qkv_bias": False, "image_size": 28, "in_channels": 1},
+    "all-cifar": {"stem": "spt", "pool": "seq", "lsa": True, "qkv_bias": False},
+}
+
+
+@pytest.mark.parametrize("option", list(SMALL_DATA_OPTIONS))
+def test_small_data_options_export_and_match_pytorch(tmp_path, option):
+    torch.manual_seed(0)
+    model = build_model(
+        "vit", {"depth": 2, "dim": 16, "heads": 2, "mlp_dim": 32} | SMALL_DATA_OPTIONS[option]
+    )
+    with torch.no_grad():  # varied logits and peaked attention, as random_model's
+        for p in model.eval().parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+    channels, size = model.config.in_channels, model.config.image_size
+    norm = Normalization(mean=(0.5,) * channels, std=(0.25,) * channels)
+    # The pipeline's export: ONNX Runtime's fusions on (they must keep LSA's mask and temperatures).
+    path = export_onnx(model, tmp_path / "model.onnx", class_names(), norm, ort_fusions=True)
+    x = torch.randn(5, channels, size, size)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected, weights = model.forward_with_attention(x)
+    assert np.abs(expected.numpy()).max() > 0.1
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+    if option == "all-cifar":  # the attention output too, its diagonal masked
+        path = export_onnx(model, tmp_path / "attention.onnx", class_names(), norm, with_attention=True)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        _, actual_weights = session.run(None, {"images": x.numpy()})
+        np.testing.assert_allclose(actual_weights, weights.numpy(), atol=1e-5, rtol=0)

@@ -21,6 +21,7 @@ SMALL_VIT = {"dim": 32, "depth": 2, "heads": 4, "mlp_dim": 64}
         ("vit", {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}),
         ("vit", {"patch_size": 2, "dim": 64, "depth": 1, "heads": 3, "head_dim": 16, "mlp_dim": 64}),
         ("vit", SMALL_VIT | {"stem": "conv", "pool": "mean", "pos_embed": "sincos", "drop_path": 0.2}),
+        ("vit", SMALL_VIT | {"stem": "spt", "pool": "seq", "qkv_bias": False, "lsa": True, "drop_path": 0.1}),
         ("cnn", {"channels": [16, 32]}),
         ("resnet", {"widths": [8, 16], "blocks": [1, 2]}),
         ("mlp", {"hidden": [64]}),
@@ -53,6 +54,16 @@ def test_parameter_counts_match_the_architectures():
     # CCT's tokenizer for patch 4: conv3x3 3->64 and 64->64, no biases, in place of the 4x4 patch conv.
     conv = build_model("vit", {"stem": "conv"})
     assert count_parameters(conv) == count_parameters(vit) - (3 * 16 * 64 + 64) + 3 * 9 * 64 + 64 * 9 * 64
+    # Sequence pooling: no CLS token or its position, one Linear(dim, 1) to score the tokens.
+    seq = build_model("vit", {"pool": "seq"})
+    assert count_parameters(seq) == count_parameters(mean) + 64 + 1
+    no_bias = build_model("vit", {"qkv_bias": False})
+    assert count_parameters(no_bias) == count_parameters(vit) - 6 * 192
+    lsa = build_model("vit", {"lsa": True})
+    assert count_parameters(lsa) == count_parameters(vit) + 6 * 4  # a temperature per head and block
+    # SPT: LayerNorm and Linear over the 5 x 3 x 4 x 4 values of a patch and its 4 shifts.
+    spt = build_model("vit", {"stem": "spt"})
+    assert count_parameters(spt) == count_parameters(vit) - (3 * 16 * 64 + 64) + 2 * 240 + 240 * 64 + 64
 
 
 def test_resnet20_has_the_published_layout():
@@ -88,17 +99,24 @@ def test_head_dim_lets_heads_not_divide_dim():
     assert weights.shape == (1, 2, 3, 65, 65)
 
 
-OPTIONS = list(itertools.product(("patch", "conv"), ("cls", "mean"), ("learned", "sincos")))
+OPTIONS = list(
+    itertools.product(("patch", "conv", "spt"), ("cls", "mean", "seq"), ("learned", "sincos"), (False, True))
+)
 
 
-@pytest.mark.parametrize(("stem", "pool", "pos_embed"), OPTIONS)
+@pytest.mark.parametrize(("stem", "pool", "pos_embed", "lsa"), OPTIONS)
 @pytest.mark.parametrize("training", [False, True])
-def test_fused_and_explicit_attention_agree_and_weights_are_distributions(stem, pool, pos_embed, training):
+def test_fused_and_explicit_attention_agree_and_weights_are_distributions(
+    stem, pool, pos_embed, lsa, training
+):
     torch.manual_seed(0)
     config = ViTConfig(
-        depth=3, dim=32, heads=4, mlp_dim=64, patch_size=8, stem=stem, pool=pool, pos_embed=pos_embed
+        depth=3, dim=32, heads=4, mlp_dim=64, patch_size=8, stem=stem, pool=pool, pos_embed=pos_embed, lsa=lsa
     )
     model = ViT(config).train(training)  # no dropout: the training path (SDPA) is deterministic too
+    if lsa:  # temperatures of their own, so a path that ignored them (or used head_dim**-0.5) would differ
+        for block in model.blocks:
+            block.attn.scale.data = torch.tensor([0.1, 0.3, 0.6, 1.2])
     x = torch.randn(4, 3, 32, 32)
     fused = model(x)
     explicit, weights = model.forward_with_attention(x)
@@ -107,6 +125,7 @@ def test_fused_and_explicit_attention_agree_and_weights_are_distributions(stem, 
     assert config.num_tokens == tokens
     assert weights.shape == (3, 4, 4, tokens, tokens)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 4, tokens))
+    assert (weights.diagonal(dim1=-2, dim2=-1) == 0).all() == lsa  # LSA: no token attends to itself
 
 
 def test_fused_and_explicit_attention_agree_with_head_dim_and_stochastic_depth_at_eval():
@@ -136,6 +155,8 @@ def test_today_checkpoints_keep_loading():
     model = build_model("vit", config)
     model.load_state_dict(old_weights)  # strict: no key missing, none unexpected
     assert describe_model(model)["config"] == config | {
+        "qkv_bias": True,
+        "lsa": False,
         "stem": "patch",
         "pool": "cls",
         "pos_embed": "learned",
@@ -154,6 +175,88 @@ def test_mean_pooling_has_no_cls_token_and_averages_the_patch_tokens():
     for block in model.blocks:
         tokens = block(tokens)[0]
     torch.testing.assert_close(model(x), model.head(model.norm(tokens.mean(dim=1))))
+
+
+def test_sequence_pooling_averages_the_normalized_tokens_with_learned_weights():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(pool="seq", **SMALL_VIT)).eval()
+    assert model.cls_token is None and model.pos_embed.shape == (1, 64, 32)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed
+    for block in model.blocks:
+        tokens = block(tokens)[0]
+    tokens = model.norm(tokens)
+    scores = tokens @ model.attention_pool.weight[0] + model.attention_pool.bias  # (B, T)
+    expected_weights = scores.softmax(dim=1)
+    pooled = (expected_weights[..., None] * tokens).sum(dim=1)
+    logits, attention, pool_weights = model.forward_with_maps(x)
+    torch.testing.assert_close(model(x), model.head(pooled))
+    torch.testing.assert_close(logits, model.head(pooled))
+    torch.testing.assert_close(pool_weights, expected_weights)
+    assert attention.shape == (2, 2, 4, 64, 64)  # (depth, B, heads, T, T): no CLS token
+    assert ViT(ViTConfig(pool="mean", **SMALL_VIT)).forward_with_maps(x)[2] is None
+
+
+def test_lsa_scales_each_head_by_its_learned_temperature_and_masks_the_diagonal():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(lsa=True, qkv_bias=False, **SMALL_VIT)).eval()
+    attn = model.blocks[0].attn
+    torch.testing.assert_close(attn.scale.data, torch.full((4,), 8**-0.5))  # head_dim 32 / 4 = 8
+    assert attn.qkv.bias is None
+    attn.scale.data = torch.tensor([0.0, 0.2, 0.4, 2.0])
+    x = torch.randn(2, 65, 32)
+    q, k, _ = attn.qkv(x).view(2, 65, 3, 4, 8).permute(2, 0, 3, 1, 4)  # each (B, heads, T, head_dim)
+    scores = (q @ k.transpose(-2, -1)) * attn.scale[:, None, None]
+    expected = scores.masked_fill(torch.eye(65, dtype=torch.bool), float("-inf")).softmax(-1)
+    _, weights = attn(x, need_weights=True)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(weights[0, 0], torch.full((65, 65), 1 / 64) * (1 - torch.eye(65)))  # scale 0
+    # The temperature learns through the fused path (SDPA) as through the explicit one.
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all((block.attn.scale.grad != 0).all() for block in model.blocks)
+
+
+def test_shifted_patch_tokens_see_the_image_and_its_four_diagonal_half_patch_shifts():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(stem="spt", patch_size=4, image_size=8, in_channels=2, **SMALL_VIT)).eval()
+    x = torch.randn(1, 2, 8, 8)
+
+    def shifted(dy: int, dx: int) -> torch.Tensor:  # out[y, x] = image[y + dy, x + dx], zero outside
+        out = torch.zeros_like(x)
+        for y, col in itertools.product(range(8), range(8)):
+            if 0 <= y + dy < 8 and 0 <= col + dx < 8:
+                out[..., y, col] = x[..., y + dy, col + dx]
+        return out
+
+    stack = torch.cat([x] + [shifted(dy, dx) for dy in (-2, 2) for dx in (-2, 2)], dim=1)  # (1, 10, 8, 8)
+    assert (stack[:, 2:] != 0).any() and not torch.equal(stack[:, 2:4], stack[:, 4:6])
+    spt = model.patch_embed
+    for row, col in itertools.product(range(2), range(2)):
+        patch = stack[0, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].flatten()  # (10 * 4 * 4,)
+        expected = spt.proj(spt.norm(patch))
+        torch.testing.assert_close(spt(x)[0, :, row, col], expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"pool": "seq", "stem": "conv", "patch_size": 2},
+        {"pool": "seq", "stem": "conv", "patch_size": 4},
+        {"stem": "spt", "patch_size": 4},
+        {"stem": "spt", "patch_size": 7},  # an odd patch: shifts of 3 pixels
+        {"lsa": True, "qkv_bias": False},
+    ],
+    ids=str,
+)
+def test_small_data_options_fit_mnist(config):
+    torch.manual_seed(0)
+    model = build_model("vit", SMALL_VIT | {"image_size": 28, "in_channels": 1} | config).eval()
+    x = torch.randn(3, 1, 28, 28)
+    grid = 28 // model.config.patch_size
+    logits, weights, _ = model.forward_with_maps(x)
+    assert model.patch_embed(x).shape == (3, 32, grid, grid)
+    assert weights.shape[-1] == grid**2 + (model.config.pool == "cls")
+    torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("patch_size", "stages"), [(2, 1), (4, 2), (8, 3)])
@@ -218,7 +321,9 @@ def test_stochastic_depth_skips_a_block_for_whole_samples():
     ("config", "message"),
     [
         ({"stem": "conv", "patch_size": 1}, "vit config: stem=conv .*: patch_size=1 must be 2, 4, 8"),
-        ({"pool": "max"}, "vit config: pool: Input should be 'cls' or 'mean'"),
+        ({"pool": "max"}, "vit config: pool: Input should be 'cls', 'mean' or 'seq'"),
+        ({"stem": "spt", "patch_size": 1}, "vit config: stem=spt .*: patch_size=1 must be 2 or more"),
+        ({"lsa": True, "patch_size": 32, "pool": "seq"}, "lsa=true .* needs 2 tokens or more"),
         ({"pos_embed": "sincos", "dim": 18, "heads": 2}, "needs dim=18 to be divisible by 4"),
         (
             {"patch_size": 5},

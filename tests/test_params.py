@@ -32,7 +32,8 @@ def test_committed_params_file_is_valid_and_complete():
         (
             {"model": {"preset": "vit-huge"}},
             "model.preset: got 'vit-huge'; known presets: tinyvit, vit-tiny, vit-small, vit-c100, vit-p2, "
-            "cnn-small, resnet, mlp",
+            "cct-2-3x2, cct-4-3x2, cct-6-3x1, cct-6-3x2, cct-7-3x1, cct-7-3x2, vit-sl, cnn-small, resnet, "
+            "mlp",
         ),
         (
             {"model": {"preset": "resnet", "name": "cnn"}},
@@ -41,7 +42,13 @@ def test_committed_params_file_is_valid_and_complete():
         ({"model": {"preset": "vit-small", "heads": 5}}, "model.heads=5 does not divide model.dim=384"),
         ({"model": {"stem": "conv", "patch_size": 1}}, "model.stem=conv halves the image per conv stage"),
         ({"model": {"pos_embed": "sincos", "dim": 30, "heads": 3}}, "model.pos_embed=sincos needs model.dim"),
-        ({"model": {"pool": "max"}}, "model.pool: got 'max'; input should be 'cls' or 'mean'"),
+        ({"model": {"pool": "max"}}, "model.pool: got 'max'; input should be 'cls', 'mean' or 'seq'"),
+        ({"model": {"stem": "spt", "patch_size": 1}}, "model.stem=spt shifts the image by half a patch"),
+        (
+            {"model": {"lsa": True, "patch_size": 32, "pool": "mean"}},
+            "model.lsa=true (no token attends to itself) needs 2 tokens or more: model.patch_size=32 with "
+            "model.pool=mean gives 1",
+        ),
         (
             {"model": {"pool": "mean", "distillation": True}},
             "model.distillation=true needs model.pool=cls, not model.pool=mean",

@@ -6,6 +6,9 @@ each input patch flowed into the representation the head classifies. A distilled
 token before the patches, its distillation token: the maps still read the [CLS] row, over the patches alone.
 A ViT that mean-pools its tokens has no [CLS] token: its classifier reads the average of all token rows, so
 the maps average the query rows instead (the attention each patch receives), which for the rollout is exact.
+Sequence pooling (CCT) reads a weighted average of the token rows, with weights of its own per image: the
+maps weigh the query rows with them (rollout = pooling weights @ rollout, again exact), and the weights
+themselves are drawn beside the rollout.
 
 Both families are drawn in the same layout (one row per test image, the image titled with its prediction,
 then the maps overlaid on it, on one color scale), so a ViT's rollout and a CNN's Grad-CAM can be set side by
@@ -30,15 +33,31 @@ from vitlab.gradcam import find_target_layer, grad_cam
 from vitlab.models import describe_model, eval_mode, has_attention
 
 RELATIVE = "relative to the map's maximum"
+# Per pooling (ViTConfig.pool): what a layer's map shows, and what the rollout's title adds.
+QUERIES = {
+    "cls": ("[CLS] attention", ""),
+    "mean": (
+        "mean attention received (no [CLS] token: mean pooling)",
+        " (mean of all tokens: no [CLS] token)",
+    ),
+    "seq": (
+        "attention received, weighted by sequence pooling (no [CLS] token)",
+        " (tokens weighted by sequence pooling), and the pooling weights",
+    ),
+}
 
 
-def attention_rollout(weights: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+def attention_rollout(
+    weights: torch.Tensor, prefix_tokens: int = 1, pool_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """(depth, B, heads, T, T) attention -> (B, patches): each patch's rolled-out share in the pooled token.
 
     ``prefix_tokens`` come before the patches (``ViTConfig.num_prefix_tokens``): a [CLS] token (token 0),
     then DeiT's distillation token. With a [CLS] token the result is its row over the patches (the row sums
     to 1 over all T tokens, so the patch entries sum to 1 minus what stays on the prefix tokens); with none
-    (0), the mean of all rows, as the classifier mean-pools the tokens.
+    (0), the mean of all rows, as the classifier mean-pools the tokens; with sequence pooling's
+    ``pool_weights`` (B, T), the rows weighted by them (no prefix tokens then, so ``prefix_tokens`` is not
+    read).
     """
     tokens = weights.shape[-1]
     eye = torch.eye(tokens, dtype=weights.dtype, device=weights.device)
@@ -47,13 +66,20 @@ def attention_rollout(weights: torch.Tensor, prefix_tokens: int = 1) -> torch.Te
     rollout = layers[0]
     for layer in layers[1:]:
         rollout = layer @ rollout  # later layers mix the token mixtures of earlier ones
+    if pool_weights is not None:
+        return (pool_weights[:, None] @ rollout).squeeze(1)
     return rollout[:, 0, prefix_tokens:] if prefix_tokens else rollout.mean(dim=1)
 
 
-def patch_attention(weights: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+def patch_attention(
+    weights: torch.Tensor, prefix_tokens: int = 1, pool_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """(depth, B, heads, T, T) -> (depth, B, heads, patches): the [CLS] row over the patches, which follow
     ``prefix_tokens`` tokens ([CLS], then a distillation token), or without any (0: no [CLS] token) the mean
-    of all query rows (the attention each patch receives)."""
+    of all query rows (the attention each patch receives), or with sequence pooling's ``pool_weights``
+    (B, T) the query rows weighted by them (``prefix_tokens`` is then not read)."""
+    if pool_weights is not None:
+        return torch.einsum("bq,lbhqk->lbhk", pool_weights, weights)
     return weights[..., 0, prefix_tokens:] if prefix_tokens else weights.mean(dim=-2)
 
 
@@ -115,15 +141,17 @@ def _render_vit(
     out_dir: Path,
 ) -> dict[str, Any]:
     with eval_mode(model), torch.no_grad():
-        logits, weights = model.forward_with_attention(x)
+        logits, weights, pool_weights = model.forward_with_maps(x)
     weights = weights.float().cpu()
+    pool_weights = None if pool_weights is None else pool_weights.float().cpu()
+    pool = model.config.pool
     prefix_tokens = model.config.num_prefix_tokens
-    cls_token = prefix_tokens > 0
     depth, n, heads, _, _ = weights.shape
     side = model.grid_size  # a conv stem makes its own grid: not always 32 / patch_size
-    query = "[CLS] attention" if cls_token else "mean attention received (no [CLS] token: mean pooling)"
+    query, rollout_note = QUERIES[pool]
     titles, correct = _titles(logits, labels, class_names)
-    per_head = _relative(patch_attention(weights, prefix_tokens)).reshape(depth, n, heads, side, side).numpy()
+    layer_maps = patch_attention(weights, prefix_tokens, pool_weights)
+    per_head = _relative(layer_maps).reshape(depth, n, heads, side, side).numpy()
     files = []
     for layer in range(depth):
         path = plot_overlays(
@@ -136,15 +164,15 @@ def _render_vit(
             out_dir / f"layer_{layer}.png",
         )
         files.append(path.name)
-    rollout = attention_rollout(weights, prefix_tokens)
+    rollout = attention_rollout(weights, prefix_tokens, pool_weights)
+    maps = [("rollout", rollout)] + ([] if pool_weights is None else [("sequence pooling", pool_weights)])
     path = plot_overlays(
-        f"attention rollout over all {depth} layers"
-        + ("" if cls_token else " (mean of all tokens: no [CLS] token)"),
+        f"attention rollout over all {depth} layers{rollout_note}",
         images_uint8,
         titles,
         correct,
-        [("rollout", _relative(rollout).reshape(n, side, side).numpy())],
-        f"rollout {RELATIVE}",
+        [(name, _relative(m).reshape(n, side, side).numpy()) for name, m in maps],
+        f"{' and '.join(name for name, _ in maps)} {RELATIVE}",
         out_dir / "rollout.png",
     )
     files.append(path.name)
@@ -152,7 +180,7 @@ def _render_vit(
         "supported": True,
         "arch": arch,
         "method": "attention",
-        "query": "cls" if cls_token else "mean",
+        "query": pool,
         "layers": depth,
         "heads": heads,
         "images": n,
@@ -161,10 +189,7 @@ def _render_vit(
         "files": files,
         # Entropies over patches scaled to [0, 1]: 1 is attention spread evenly, 0 all on one patch.
         "rollout_patch_entropy": round(float(_patch_entropy(rollout).mean()), 4),
-        "patch_entropy_by_layer": [
-            round(float(v), 4)
-            for v in _patch_entropy(patch_attention(weights, prefix_tokens)).mean(dim=(1, 2))
-        ],
+        "patch_entropy_by_layer": [round(float(v), 4) for v in _patch_entropy(layer_maps).mean(dim=(1, 2))],
     }
 
 

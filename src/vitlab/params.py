@@ -73,8 +73,8 @@ class ArchConfig(Section):
 
 class ViTConfig(ArchConfig):
     """The Vision Transformer's shape (``vitlab.models.vit.ViT``; Dosovitskiy et al., 2021), with the options
-    known to matter when a ViT is trained from scratch on small data: a conv stem, mean pooling, fixed
-    positions and stochastic depth."""
+    known to matter when a ViT is trained from scratch on small data: a conv stem or shifted patches, mean or
+    sequence pooling, fixed positions, locality self-attention and stochastic depth."""
 
     patch_size: int = Field(4, gt=0, description="each token covers patch_size x patch_size pixels")
     dim: int = Field(64, gt=0, description="token width")
@@ -83,12 +83,21 @@ class ViTConfig(ArchConfig):
     head_dim: int | None = Field(
         None, gt=0, description="per-head width (lucidrains' dim_head); null: dim // heads"
     )
-    mlp_dim: int = Field(128, gt=0, description="hidden width of each block's MLP")
-    stem: Literal["patch", "conv"] = Field(
-        "patch", description="patch: a linear map per patch; conv: CCT's tokenizer, log2(patch_size) stages"
+    qkv_bias: bool = Field(True, description="biases on the query, key and value projections (CCT: none)")
+    lsa: bool = Field(
+        False,
+        description="locality self-attention: a learned temperature per head, no token attends to itself",
     )
-    pool: Literal["cls", "mean"] = Field(
-        "cls", description="cls: the CLS token's output; mean: global average pooling, no CLS token"
+    mlp_dim: int = Field(128, gt=0, description="hidden width of each block's MLP")
+    stem: Literal["patch", "conv", "spt"] = Field(
+        "patch",
+        description="patch: a linear map per patch; conv: CCT's tokenizer, log2(patch_size) stages; "
+        "spt: shifted patch tokenization (the image and its 4 diagonal half-patch shifts)",
+    )
+    pool: Literal["cls", "mean", "seq"] = Field(
+        "cls",
+        description="cls: the CLS token's output; mean: global average pooling; seq: CCT's sequence pooling, "
+        "a learned softmax-weighted average of the tokens (mean and seq: no CLS token)",
     )
     pos_embed: Literal["learned", "sincos"] = Field("learned", description="sincos: fixed 2D sin-cos (MAE)")
     drop_path: float = Field(
@@ -117,6 +126,15 @@ class ViTConfig(ArchConfig):
                 f"stem=conv halves the image per conv stage: patch_size={self.patch_size} must be "
                 "2, 4, 8, ..."
             )
+        if self.stem == "spt" and self.patch_size < 2:
+            raise ValueError(
+                f"stem=spt shifts the image by half a patch: patch_size={self.patch_size} must be 2 or more"
+            )
+        if self.lsa and self.num_tokens < 2:
+            raise ValueError(
+                "lsa=true (no token attends to itself) needs 2 tokens or more: "
+                f"patch_size={self.patch_size} with pool={self.pool} gives {self.num_tokens}"
+            )
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed=sincos needs dim={self.dim} to be divisible by 4")
         return self
@@ -137,7 +155,7 @@ class ViTConfig(ArchConfig):
 
     @property
     def grid_size(self) -> int:
-        """Tokens per side, for either stem."""
+        """Tokens per side, for any stem."""
         return self.image_size // self.patch_size
 
     @property

@@ -21,6 +21,29 @@ class Preset:
     description: str = ""
 
 
+# CCT's sizes by depth (its reference code's cct_2 ... cct_7): token width, heads, MLP ratio.
+_CCT_SIZES = {2: (128, 2, 1), 4: (128, 2, 1), 6: (256, 4, 2), 7: (256, 4, 2)}
+
+
+def _cct(depth: int, conv_layers: int, pos_embed: str = "learned") -> Preset:
+    """CCT-``depth``/3x``conv_layers`` of Hassani et al. (2021), "Escaping the Big Data Paradigm with Compact
+    Transformers": the size of ``_CCT_SIZES[depth]``, ``conv_layers`` 3x3 conv stages (our conv stem at
+    patch_size 2**conv_layers), sequence pooling, no qkv biases, ``pos_embed`` positions and CCT's
+    stochastic depth 0.1. CCT's attention dropout 0.1 is left out: our dropout would drop in the MLP too,
+    where CCT has none."""
+    dim, heads, mlp_ratio = _CCT_SIZES[depth]
+    patch_size = 2**conv_layers
+    config = {"stem": "conv", "patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads}
+    config |= {"mlp_dim": mlp_ratio * dim, "pool": "seq", "qkv_bias": False, "pos_embed": pos_embed}
+    config |= {"drop_path": 0.1}
+    stages = f"{conv_layers} conv3x3 stage{'s' * (conv_layers > 1)}"
+    description = (
+        f"CCT-{depth}/3x{conv_layers}: {stages} (patch {patch_size}), dim {dim}, {depth} blocks of {heads} "
+        f"heads, mlp {mlp_ratio * dim}; sequence pooling, no qkv bias, {pos_embed} positions, drop_path 0.1"
+    )
+    return Preset("vit", config, description)
+
+
 PRESETS: dict[str, Preset] = {
     "tinyvit": Preset(
         "vit",
@@ -47,6 +70,24 @@ PRESETS: dict[str, Preset] = {
         # 3 heads do not divide 64: each head gets its own width (lucidrains' dim_head), 3 x 32 = 96.
         {"patch_size": 2, "dim": 64, "depth": 10, "heads": 3, "head_dim": 32, "mlp_dim": 128},
         "patch 2, dim 64, 10 blocks of 3 heads of width 32, mlp 128",
+    ),
+    "cct-2-3x2": _cct(2, 2),
+    "cct-4-3x2": _cct(4, 2),
+    # Published with sine positions: its 3.168M parameters count none (ours are the 2D sin-cos ones).
+    "cct-6-3x1": _cct(6, 1, pos_embed="sincos"),
+    "cct-6-3x2": _cct(6, 2),
+    "cct-7-3x1": _cct(7, 1),
+    "cct-7-3x2": _cct(7, 2),
+    # SL-ViT (Lee, Lee and Song, 2021, "Vision Transformer for Small-Size Datasets"): the CIFAR ViT of their
+    # official code (patch 4, dim 192, depth 9, 12 heads of width 192 // 12 = 16, mlp ratio 2, no qkv bias,
+    # stochastic depth 0.1, there in every block, here rising to it) with shifted patch tokenization and
+    # locality self-attention.
+    "vit-sl": Preset(
+        "vit",
+        {"stem": "spt", "lsa": True, "qkv_bias": False, "patch_size": 4, "dim": 192, "depth": 9, "heads": 12}
+        | {"mlp_dim": 384, "drop_path": 0.1},
+        "SL-ViT: shifted patches (patch 4), dim 192, 9 blocks of 12 heads with LSA, mlp 384; "
+        "no qkv bias, drop_path 0.1",
     ),
     "cnn-small": Preset("cnn", {"channels": (16, 32)}, "conv16-pool-conv32-pool-linear"),
     "resnet": Preset(

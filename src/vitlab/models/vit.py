@@ -5,11 +5,17 @@ Tokenizer -> [CLS] + positions -> pre-norm blocks (LayerNorm-MHA, LayerNorm-MLP)
 linear head. Attention runs through ``scaled_dot_product_attention`` (fused kernels) unless the caller asks
 for the attention weights, which takes the explicit softmax path; both compute the same thing.
 
-The defaults are the plain ViT of Dosovitskiy et al. (2021). Four options, known to matter when a ViT is
-trained from scratch on small data, are config fields:
+The defaults are the plain ViT of Dosovitskiy et al. (2021). The options known to matter when a ViT is
+trained from scratch on small data are config fields:
 
 - ``stem="conv"``: CCT's convolutional tokenizer (Hassani et al., 2021) instead of the patch embedding;
+- ``stem="spt"``: shifted patch tokenization (Lee, Lee and Song, 2021, "Vision Transformer for Small-Size
+  Datasets"): each patch also sees its neighbours' pixels;
 - ``pool="mean"``: global average pooling of the patch tokens instead of a CLS token;
+- ``pool="seq"``: CCT's sequence pooling, a learned softmax-weighted average of the normalized tokens;
+- ``qkv_bias=False``: no biases on the query, key and value projections (CCT, SPT/LSA);
+- ``lsa``: locality self-attention (Lee et al., 2021): a learned temperature per head, and no token attends
+  to itself, so attention cannot stay on the token's own value;
 - ``pos_embed="sincos"``: fixed 2D sin-cos positions (as in MAE) instead of learned ones;
 - ``drop_path``: stochastic depth (Huang et al., 2016), its rate rising linearly over the blocks.
 
@@ -17,6 +23,8 @@ trained from scratch on small data, are config fields:
 DistilledVisionTransformer): a distillation token after the CLS token and a second head on it, which learns
 a teacher's predictions (``forward_heads``, vitlab.distill); ``forward`` returns the mean of the two heads'
 logits, DeiT's prediction, so evaluation, export and serving see one output as for any other model.
+
+The presets ``cct-*`` (CCT) and ``vit-sl`` (SPT + LSA) combine them (vitlab.presets).
 """
 
 from __future__ import annotations
@@ -37,14 +45,21 @@ CONV_STEM_WIDTH = 64  # CCT's in_planes: channels between its tokenizer's conv s
 
 class Attention(nn.Module):
     """Multi-head self-attention (Vaswani et al., 2017) with one fused qkv projection, as timm's
-    ``Attention``; heads may have a width of their own (``config.head_dim``, lucidrains' dim_head)."""
+    ``Attention``; heads may have a width of their own (``config.head_dim``, lucidrains' dim_head).
+
+    With ``config.lsa``, locality self-attention (Lee, Lee and Song, 2021): each head scales its
+    scores by a learned temperature (``scale``, (heads,), initialised to head_dim**-0.5, as the official
+    code), and the diagonal is masked out, so each token's attention goes to the others.
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.heads = config.heads
-        self.qkv = nn.Linear(config.dim, 3 * config.inner_dim)
+        self.qkv = nn.Linear(config.dim, 3 * config.inner_dim, bias=config.qkv_bias)
         self.proj = nn.Linear(config.inner_dim, config.dim)
         self.dropout = config.dropout
+        head_dim = config.inner_dim // config.heads
+        self.scale = nn.Parameter(torch.full((config.heads,), head_dim**-0.5)) if config.lsa else None
 
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
@@ -55,19 +70,34 @@ class Attention(nn.Module):
         # then matches onnxscript's MultiHeadAttention fusion whole (vitlab.export.fuse_for_onnxruntime).
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
         p = self.dropout if self.training else 0.0
+        mask = None
+        if self.scale is not None:
+            # The learned temperature scales q (the same scores), so SDPA's fused kernels still apply.
+            q = q * self.scale[:, None, None]
+            mask = ~torch.eye(q.shape[-2], dtype=torch.bool, device=q.device)  # True: may attend
         if need_weights:
-            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, T, T)
+            scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+            if mask is None:
+                scores = scores * q.shape[-1] ** -0.5
+            else:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
             y = F.dropout(weights, p, self.training) @ v
         else:
             weights = None
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            scale = None if mask is None else 1.0  # None: SDPA's own head_dim**-0.5
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         y = y.transpose(1, 2).flatten(2)  # (B, H, T, hd) -> (B, T, H*hd)
         return F.dropout(self.proj(y), p, self.training), weights
 
 
 class Block(nn.Module):
     """A pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)), each branch under stochastic
-    depth at rate ``drop_path`` (Huang et al., 2016)."""
+    depth at rate ``drop_path`` (Huang et al., 2016).
+
+    The CCT presets keep this block: CCT's own applies its second LayerNorm to the residual stream itself,
+    x = LN(x + attn(LN(x))), then x + MLP(x); the parameters are the same, the normalization slightly not.
+    """
 
     def __init__(self, config: ViTConfig, drop_path: float = 0.0):
         super().__init__()
@@ -93,20 +123,23 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """The Vision Transformer (Dosovitskiy et al., 2021) for small images: tokenizer (patch embedding or CCT's
-    conv stem) -> [CLS] + position embedding -> ``depth`` pre-norm blocks -> CLS token or mean pooling ->
-    LayerNorm -> linear head. ``config`` (``vitlab.params.ViTConfig``) fixes every size.
+    """The Vision Transformer (Dosovitskiy et al., 2021) for small images: tokenizer (patch embedding, CCT's
+    conv stem or shifted patches) -> [CLS] + position embedding -> ``depth`` pre-norm blocks -> CLS token or
+    mean pooling -> LayerNorm -> linear head; or, with sequence pooling, LayerNorm -> sequence pooling ->
+    linear head (CCT). ``config`` (``vitlab.params.ViTConfig``) fixes every size.
     """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
-        # The patch embedding is a strided conv: one linear map per non-overlapping patch.
-        self.patch_embed = (
-            conv_stem(config)
-            if config.stem == "conv"
-            else nn.Conv2d(config.in_channels, config.dim, config.patch_size, stride=config.patch_size)
-        )
+        if config.stem == "conv":
+            self.patch_embed = conv_stem(config)
+        elif config.stem == "spt":
+            self.patch_embed = ShiftedPatchTokenizer(config)
+        else:  # a strided conv: one linear map per non-overlapping patch
+            self.patch_embed = nn.Conv2d(
+                config.in_channels, config.dim, config.patch_size, stride=config.patch_size
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if config.pool == "cls" else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if config.distillation else None
         if config.pos_embed == "sincos":
@@ -121,6 +154,8 @@ class ViT(nn.Module):
         rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.dim)
+        # CCT's sequence pooling: one score per token, softmaxed over the tokens.
+        self.attention_pool = nn.Linear(config.dim, 1) if config.pool == "seq" else None
         self.head = nn.Linear(config.dim, config.num_classes)
         self.head_dist = nn.Linear(config.dim, config.num_classes) if config.distillation else None
         self.apply(_init_weights)
@@ -132,15 +167,21 @@ class ViT(nn.Module):
 
     @property
     def grid_size(self) -> int:
-        """Tokens per side of the patch grid (image_size // patch_size, for either stem)."""
+        """Tokens per side of the patch grid (image_size // patch_size, for any stem)."""
         return self.config.grid_size
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, classes) and each layer's attention weights (depth, B, heads, T, T), where T is
         ``config.num_tokens``: the prefix tokens (a CLS token, token 0, then with ``distillation`` DeiT's
-        distillation token, token 1), then the patches; patches alone with mean pooling."""
-        logits, weights = self._forward(x, need_weights=True)
-        return logits, torch.stack(weights)
+        distillation token, token 1), then the patches; patches alone with mean or sequence pooling."""
+        return self.forward_with_maps(x)[:2]
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``forward_with_attention``'s logits and attention weights, and with ``pool="seq"`` the weights
+        (B, T) sequence pooling gives the final tokens (each row sums to 1); None with a CLS token or mean
+        pooling. Everything an attention map is drawn from (vitlab.attention)."""
+        logits, weights, pool_weights = self._forward(x, need_weights=True)
+        return logits, torch.stack(weights), pool_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float images (B, in_channels, image_size, image_size) -> logits (B, num_classes); with
@@ -157,12 +198,18 @@ class ViT(nn.Module):
             raise VitlabError("this ViT has no distillation head: build it with distillation=true")
         return self._heads(self._tokens(x, need_weights=False)[0])
 
-    def _forward(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _forward(
+        self, x: torch.Tensor, need_weights: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         x, weights = self._tokens(x, need_weights)
         if self.head_dist is not None:
-            return mean_of_heads(*self._heads(x)), weights
+            return mean_of_heads(*self._heads(x)), weights, None
+        if self.attention_pool is not None:
+            x = self.norm(x)  # CCT scores and averages the normalized tokens
+            pool_weights = self.attention_pool(x).squeeze(-1).softmax(dim=-1)  # (B, T)
+            return self.head((pool_weights[:, None] @ x).squeeze(1)), weights, pool_weights
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, dim)
-        return self.head(self.norm(x)), weights
+        return self.head(self.norm(x)), weights, None
 
     def _tokens(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Images -> the last block's tokens (B, T, dim), and each block's attention weights if asked for."""
@@ -203,6 +250,37 @@ def conv_stem(config: ViTConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ShiftedPatchTokenizer(nn.Module):
+    """Shifted patch tokenization (Lee, Lee and Song, 2021; the diagonal shifts of their official code): the
+    image and its 4 diagonal shifts by half a patch (zero-filled), stacked as 5 x in_channels channels, cut
+    into patch_size x patch_size patches, each LayerNorm-ed and mapped linearly to dim. A token so also sees
+    the pixels just across its patch's borders.
+
+    Images (B, in_channels, S, S) -> (B, dim, S/patch_size, S/patch_size), the layout of the other stems.
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        width = 5 * config.in_channels * config.patch_size**2
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, config.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> patch tokens (B, dim, H/patch_size, W/patch_size)."""
+        shift = self.patch_size // 2
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (shift, shift, shift, shift))
+        shifted = [
+            padded[..., top : top + height, left : left + width]
+            for top in (0, 2 * shift)
+            for left in (0, 2 * shift)
+        ]
+        x = torch.cat([x, *shifted], dim=1)  # (B, 5C, H, W)
+        patches = F.pixel_unshuffle(x, self.patch_size).permute(0, 2, 3, 1)  # (B, H/p, W/p, 5C*p*p)
+        return self.proj(self.norm(patches)).permute(0, 3, 1, 2)
+
+
 def sincos_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Fixed 2D positions (grid_size**2, dim), row-major: sin and cos of x and of y at dim/4 frequencies each
     (lucidrains' simple_vit, MAE)."""
@@ -225,7 +303,8 @@ def _stochastic_depth(rate: float) -> nn.Module:
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
