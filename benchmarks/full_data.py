@@ -55,7 +55,7 @@ from vitlab.device import hardware_description
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model, count_parameters, preset_config
 from vitlab.params import TrainParams
-from vitlab.stats import bootstrap_ci
+from vitlab.stats import bootstrap_ci, paired_bootstrap_diff
 from vitlab.train import split_train_val, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,7 @@ RUNS: dict[str, tuple[str, dict, str]] = {
     "vit-p8": ("tinyvit", {"patch_size": 8}, "tinyvit"),
 }
 STUDY = ("cnn-small", "vit-p2", "tinyvit", "vit-p8")
+PAIRED_TO = ("cnn-small", "resnet")  # the .md's paired differences: every run against each of these
 BUDGETS = (600, 1800)
 # The ViT configurations --screen compares: each trained for SCREEN_BUDGET_S on 45,000 training images and
 # scored on the other 5,000 (the test images are not read), at the same budget as the runs, since a slower
@@ -193,8 +194,10 @@ def limit_label(budget_s: float | None, epochs: int | None) -> str:
     return label(budget_s) if budget_s is not None else f"{epochs} epochs"
 
 
-def markdown(rows: list[dict], settings: dict) -> str:
-    """The results table: one line per run, one column group per budget (or number of epochs)."""
+def markdown(rows: list[dict], settings: dict, labels: np.ndarray) -> str:
+    """The results table: one line per run, one column group per budget (or number of epochs); then, per
+    budget, each run's paired difference in test accuracy to the PAIRED_TO runs of that budget (``labels``:
+    the test labels, (N,) int, in the order of the rows' predictions)."""
     limits = sorted({limit(r) for r in rows}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0))
     by_key = {(r["run"], limit(r)): r for r in rows}
     head = " | ".join(f"{limit_label(*x)}: test accuracy (95% CI) | epochs | img/s" for x in limits)
@@ -219,7 +222,36 @@ def markdown(rows: list[dict], settings: dict) -> str:
         parameters = next((r["parameters"] for r in rows if r["run"] == name), None)
         if parameters is not None:
             lines.append(f"| {name} | {parameters:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired_differences(rows, labels)) + "\n"
+
+
+def paired_differences(rows: list[dict], labels: np.ndarray) -> list[str]:
+    """Markdown lines: for each limit with a PAIRED_TO run, every other run's test accuracy minus it, in
+    points, with its paired 95% BCa bootstrap interval over the test images (``vitlab.stats``)."""
+    lines = []
+    for key in sorted({limit(r) for r in rows}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0)):
+        at = {r["run"]: (np.array(list(r["predicted"]), dtype=int) == labels) for r in rows if limit(r) == key}
+        bases = [base for base in PAIRED_TO if base in at]
+        if not bases or len(at) < 2:
+            continue
+        lines += [
+            "",
+            f"{limit_label(*key)}, paired differences in test accuracy (points, 95% BCa bootstrap interval "
+            "over the same test images):",
+            "",
+            "| run | " + " | ".join(f"− {base}" for base in bases) + " |",
+            "| --- |" + " ---: |" * len(bases),
+        ]
+        for name in (name for name in RUNS if name in at):
+            cells = []
+            for base in bases:
+                if base == name:
+                    cells.append("")
+                    continue
+                diff = paired_bootstrap_diff(at[name].astype(float), at[base].astype(float))
+                cells.append(f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,14 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             brief = {k: v for k, v in rows[-1].items() if k not in ("predicted", "losses", "train_params")}
             print(f"{json.dumps(brief)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
             files.write_json(out.with_suffix(".json"), {"settings": settings, "rows": rows})
-            files.write_text(out.with_suffix(".md"), markdown(rows, settings))
+            files.write_text(out.with_suffix(".md"), markdown(rows, settings, data.test.labels))
     for key in sorted({limit(r) for r in rows if r["budget_s"] is not None}):
         study = [r for r in rows if limit(r) == key and r["run"] in STUDY]
         if len(study) == len(STUDY):
             records = [record(r, data.test.labels, data.class_names) for r in study]
             name = f"study-{limit_label(*key).replace(' ', '')}"
             write_comparison(records, args.study_dir / name, "cnn-small")
-    print(markdown(rows, settings))
+    print(markdown(rows, settings, data.test.labels))
     return 0
 
 

@@ -251,6 +251,27 @@ def test_the_full_data_benchmark_keeps_every_run_and_makes_the_study_table(tmp_p
     table = (tmp_path / "study-1s" / "table.md").read_text()
     assert "vs cnn-small: Δ accuracy (95% CI)" in table and "| vit-p2 | tinyvit | 2 |" in table
     assert (tmp_path / "full.md").read_text() in first.stdout
+    assert "1 s, paired differences in test accuracy" in first.stdout and "| run | − cnn-small |" in first.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and " ..." not in again.stderr  # nothing trained the second time
     assert json.loads((tmp_path / "full.json").read_text())["rows"] == rows
+
+
+def test_the_full_data_tables_paired_differences_are_each_runs_against_the_baselines():
+    """Per limit, each run minus cnn-small and resnet in points, from the rows' predictions: 3 test images,
+    resnet right on all, cnn-small on 2, tinyvit on 1; a limit without a baseline gets no table."""
+    full_data = load_benchmark("full_data")
+    labels = np.array([0, 1, 2])
+    rows = [
+        {"run": "cnn-small", "budget_s": 60.0, "max_epochs": None, "predicted": "011"},
+        {"run": "resnet", "budget_s": 60.0, "max_epochs": None, "predicted": "012"},
+        {"run": "tinyvit", "budget_s": 60.0, "max_epochs": None, "predicted": "000"},
+        {"run": "tinyvit", "budget_s": 600.0, "max_epochs": None, "predicted": "000"},
+    ]
+    lines = full_data.paired_differences(rows, labels)
+    assert lines[1].startswith("1 min, paired differences") and lines[3] == "| run | − cnn-small | − resnet |"
+    by_run = {line.split(" | ")[0][2:]: line for line in lines[5:]}
+    assert by_run["cnn-small"].startswith("| cnn-small |  | -33.3 [")
+    assert by_run["resnet"].startswith("| resnet | +33.3 [") and by_run["resnet"].endswith(" |  |")
+    assert by_run["tinyvit"].startswith("| tinyvit | -33.3 [") and "| -66.7 [" in by_run["tinyvit"]
+    assert not any("10 min" in line for line in lines)
