@@ -230,7 +230,7 @@ def paired_differences(rows: list[dict], labels: np.ndarray) -> list[str]:
     points, with its paired 95% BCa bootstrap interval over the test images (``vitlab.stats``)."""
     lines = []
     for key in sorted({limit(r) for r in rows}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0)):
-        at = {r["run"]: (np.array(list(r["predicted"]), dtype=int) == labels) for r in rows if limit(r) == key}
+        at = {r["run"]: np.array(list(r["predicted"]), dtype=int) == labels for r in rows if limit(r) == key}
         bases = [base for base in PAIRED_TO if base in at]
         if not bases or len(at) < 2:
             continue
