@@ -21,7 +21,9 @@ The runs:
 - ``vit-p2`` and ``vit-p8``: tinyvit's shape on 2x2 and 8x8 patches, for the seeds' CNN-vs-ViT study (CNN
   and ViT patch 2/4/8 at an equal budget: ``cnn-small``, ``vit-p2``, ``tinyvit``, ``vit-p8``);
 - ``vit-best``: the best ViT configuration vitlab has, chosen by ``--screen`` on a validation split (see
-  ``SCREEN``).
+  ``SCREEN``);
+- ``cct-2-3x2``: the small-data preset ``time_to_accuracy.py --select`` chose on the CIFAR-10 subset's
+  validation split (README, "Small data"), with tinyvit's recipe.
 
 Each run is appended to ``--out``.json (default benchmarks/results/full_data_DATASET) as soon as it ends,
 with its per-image predictions, so an interrupted benchmark loses at most the run in progress and a restart
@@ -74,6 +76,7 @@ RUNS: dict[str, tuple[str, dict, str]] = {
     "vit-best": ("tinyvit", {"stem": "conv", "pool": "mean"}, "tinyvit"),
     "vit-p2": ("tinyvit", {"patch_size": 2}, "tinyvit"),
     "vit-p8": ("tinyvit", {"patch_size": 8}, "tinyvit"),
+    "cct-2-3x2": ("cct-2-3x2", {}, "tinyvit"),
 }
 STUDY = ("cnn-small", "vit-p2", "tinyvit", "vit-p8")
 PAIRED_TO = ("cnn-small", "resnet")  # the .md's paired differences: every run against each of these

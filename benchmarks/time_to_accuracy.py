@@ -239,14 +239,14 @@ def markdown(rows: list[dict], settings: dict) -> str:
     lines = [
         f"{scored} {settings['train_images']:,} for a wall-clock budget (epochs done in brackets"
         f"{'; mean ± standard deviation over training seeds, ddof=1' if several else ''}); "
-        f"{settings['hardware']}, {settings['threads']} threads, torch {settings['torch']}.",
+        f"{settings['hardware']}, torch {settings['torch']}.",  # hardware names the threads
         "",
         "| model | recipe | " + " | ".join(label(b) for b in budgets) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in budgets) + " |",
     ]
     for name in dict.fromkeys(r["model"] for r in rows):
-        changed = sorted({recipe_label(r) for r in rows if r["model"] == name} - set(RECIPES))
-        for recipe in [*RECIPES, *changed]:
+        ran = {recipe_label(r) for r in rows if r["model"] == name}
+        for recipe in [*(r for r in RECIPES if r in ran), *sorted(ran - set(RECIPES))]:
             line = []
             for budget in budgets:
                 members = cells.get((name, recipe, budget))

@@ -139,12 +139,14 @@ def test_the_time_to_accuracy_table_gives_seeds_mean_sd_interval_and_the_paired_
     lines = tta.markdown(rows, settings).splitlines()
     assert lines[0].startswith(
         "Test accuracy on 20 CIFAR-10 test images after training on 100 for a wall-clock budget (epochs done "
-        "in brackets; mean ± standard deviation over training seeds, ddof=1); cpu, 1 threads"
+        "in brackets; mean ± standard deviation over training seeds, ddof=1); cpu, torch 2."
     )
     # Grid: mean over seeds ± sd (ddof=1: 60% and 70% -> 7.1 points), mean epochs.
+    # Grid: a line per (model, recipe) that ran, here only vitlab's.
     assert lines[4] == "| resnet | vitlab | 65.0% ± 7.1 (2.5) |"
-    assert lines[6] == "| tinyvit | vitlab | 52.5% ± 3.5 (2.5) |"
-    assert lines[8] == "| cnn-small | vitlab | 85.0% ± 7.1 (2.5) |"  # the old row is seed 0
+    assert lines[5] == "| tinyvit | vitlab | 52.5% ± 3.5 (2.5) |"
+    assert lines[6] == "| cnn-small | vitlab | 85.0% ± 7.1 (2.5) |"  # the old row is seed 0
+    assert lines[7] == ""
     detail = [line for line in lines if line.startswith("| ") and " min | " in line]
     # cnn-small's seed 0 has no per-image results: no interval for its cell, so no detail line.
     assert [line.split(" | ")[0] for line in detail] == ["| resnet", "| tinyvit"]
