@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             records = [record(r, data.test.labels, data.class_names) for r in study]
             name = f"study-{limit_label(*key).replace(' ', '')}"
             write_comparison(records, args.study_dir / name, "cnn-small")
-    print(markdown(rows, settings, data.test.labels))
+    table = markdown(rows, settings, data.test.labels)
+    files.write_text(out.with_suffix(".md"), table)  # also when nothing new ran
+    print(table)
     return 0
 
 

@@ -400,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(brief), file=sys.stderr, flush=True)
                     files.write_json(results, {"settings": settings, "rows": rows})
                     files.write_text(out.with_suffix(".md"), markdown(rows, settings))
-    print(markdown(rows, settings))
+    table = markdown(rows, settings)
+    files.write_text(out.with_suffix(".md"), table)  # also when nothing new ran
+    print(table)
     return 0
 
 
