@@ -110,12 +110,17 @@ def _measured(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "images_per_s"} for row in history]
 
 
-def test_two_processes_stay_in_sync_and_match_one_process_with_the_same_global_batch(tmp_path):
+def _run_ranks(child: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """Run the ``child`` script under torchrun in 2 processes: the run, and what ranks 0 and 1 saved."""
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(child)
     run = _torchrun([str(script), str(tmp_path)], tmp_path)
     assert run.returncode == 0, run.stderr
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return run, *(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+def test_two_processes_stay_in_sync_and_match_one_process_with_the_same_global_batch(tmp_path):
+    run, rank0, rank1 = _run_ranks(CHILD, tmp_path)
 
     # Gradients are averaged at every step, so both processes end with the very same weights...
     assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
@@ -212,11 +217,7 @@ torch.save({{"start": start, "weights": model.state_dict()}}, out)
 
 
 def test_two_processes_distilling_keep_both_heads_in_sync(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(DISTILL_CHILD)
-    run = _torchrun([str(script), str(tmp_path)], tmp_path)
-    assert run.returncode == 0, run.stderr
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    _, rank0, rank1 = _run_ranks(DISTILL_CHILD, tmp_path)
     # Each process saw half of every batch: only averaged gradients of both heads end in the same weights.
     assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
     for key in ("head.weight", "head_dist.weight", "dist_token"):
