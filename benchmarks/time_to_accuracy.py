@@ -300,7 +300,7 @@ def detail_table(cells: dict[tuple, list[dict]], split: str) -> list[str]:
         "",
         f"Mean ± sd: over the training seeds (sample standard deviation, ddof=1): training noise. Intervals: "
         f"95% BCa bootstrap over the {images} images of each image's correctness averaged over the seeds: "
-        f"test-set sampling, the seeds' models held fixed. Δ: that seed average minus {BASELINE}'s (same "
+        f"{images}-set sampling, the seeds' models held fixed. Δ: that seed average minus {BASELINE}'s (same "
         "recipe and budget), bootstrapped in pairs (the same images for both), ± the sd of the per-seed "
         f"differences (each seed against {BASELINE}'s run of the same seed, when both ran the same seeds).",
     ]

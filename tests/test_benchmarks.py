@@ -222,6 +222,8 @@ def test_select_mode_trains_every_seed_and_scores_held_out_training_images_never
         "Validation accuracy on 4 CIFAR-10 training images held out at random (10%, split"
     )
     assert "| resnet | vitlab | 0.05 s | 0, 1 |" in table and "| validation accuracy, mean ± sd" in table
+    assert "over the validation images" in table and "validation-set sampling" in table
+    assert "test-set" not in table
     # Started again, it finds every row done and trains nothing.
     monkeypatch.setattr(tta, "train", lambda *args: pytest.fail("trained a row that was done"))
     assert tta.main(argv) == 0
