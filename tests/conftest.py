@@ -1,8 +1,11 @@
 import errno
 import ipaddress
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
+from pipeline_fixtures import REPO, clone_and_repro
 
 import vitlab  # noqa: F401  (before any test imports torch: it sets OpenMP's wait policy, as every entry point)
 
@@ -67,3 +70,12 @@ def network_attempts(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
     yield attempts
     assert not attempts, f"the test tried to reach the network: {attempts}"
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """(root, env): one `dvc repro` of the committed pipeline in a temporary clone, shared by every end-to-end
+    test of the session (tests/pipeline_fixtures.py); ``env`` runs the clone's own code."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode:
+        pytest.skip("the repository has no commit to clone")
+    return clone_and_repro(tmp_path_factory.mktemp("e2e"))

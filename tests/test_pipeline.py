@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from pipeline_fixtures import run as _run
 
 import vitlab
 
@@ -30,39 +30,12 @@ CIFAR100_SUBSET_MD5 = "6915434a66f48efbf1b9174138f9965c"
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done
-
-
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode:
-        pytest.skip("the repository has no commit to clone")
-    root = tmp_path_factory.mktemp("e2e") / "vitlab"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(root)], check=True)
-    for key, value in (("user.name", "vitlab tests"), ("user.email", "tests@vitlab.invalid")):
-        subprocess.run(["git", "config", key, value], cwd=root, check=True)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(root / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "WANDB_MODE": "disabled",
-        "CI": "true",
-    }
-    env.pop("DVC_EXP_NAME", None)
-    _run(["dvc", "repro"], root, env)
-    return root, env
-
-
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_repro_writes_every_output(clone):
-    root, env = clone
+def test_repro_writes_every_output(pipeline_run):
+    root, env = pipeline_run
     prepared = root / "data" / "prepared"
     with np.load(prepared / "train.npz") as train, np.load(prepared / "test.npz") as test:
         assert train["images"].shape == (2250, 32, 32, 3) and train["images"].dtype == np.uint8
@@ -112,7 +85,7 @@ def test_repro_writes_every_output(clone):
     assert json.loads(status.stdout) == {}, "dvc repro left stages out of date"
 
 
-def test_repro_gives_the_committed_runs_bits(clone):
+def test_repro_gives_the_committed_runs_bits(pipeline_run):
     """The committed run (made on one Intel Xeon) reproduces digit for digit on this CPU: vitlab pins the
     libraries' code paths to AVX2 and 2 threads (vitlab/__init__.py); MKL honours that on Intel CPUs only."""
     vendor = vitlab.cpu_info("vendor_id")
@@ -120,7 +93,7 @@ def test_repro_gives_the_committed_runs_bits(clone):
         pytest.skip(f"CPU vendor {vendor or 'unknown'}: MKL runs its own code there (README)")
     if not vitlab.CPU_PINS.items() <= os.environ.items():
         pytest.skip("CPU code paths not pinned here (no AVX2/FMA, VITLAB_PIN_CPU=0, or set otherwise)")
-    root, env = clone
+    root, env = pipeline_run
     committed = _run(["git", "show", "HEAD:reports/train/history.tsv"], root, env).stdout
     ours = (root / "reports" / "train" / "history.tsv").read_text()
 
@@ -135,8 +108,8 @@ def test_repro_gives_the_committed_runs_bits(clone):
     assert evaluation["test_loss"] == committed_eval["test_loss"]
 
 
-def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(clone):
-    root, env = clone
+def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(pipeline_run):
+    root, env = pipeline_run
     code = root / "src" / "vitlab" / "stages" / "evaluate.py"
     original = code.read_text()
     rounding = 'print(f"test accuracy {result.accuracy:.4f}'
@@ -151,8 +124,8 @@ def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(clone):
     assert json.loads(_run(["dvc", "status", "--json"], root, env).stdout) == {}
 
 
-def test_predict_cli_agrees_with_pytorch_on_real_test_images(clone, tmp_path):
-    root, env = clone
+def test_predict_cli_agrees_with_pytorch_on_real_test_images(pipeline_run, tmp_path):
+    root, env = pipeline_run
     import torch
 
     from vitlab.checkpoint import load_checkpoint
@@ -195,16 +168,16 @@ def _exp_run(root: Path, env: dict[str, str], name: str, overrides: dict[str, ob
     return next(row for row in csv.DictReader(shown.splitlines()) if row["Experiment"] == name)
 
 
-def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(clone):
-    root, env = clone
+def test_exp_run_patch_size_2_is_listed_with_its_params_and_metrics(pipeline_run):
+    root, env = pipeline_run
     row = _exp_run(root, env, "patch2", {"model.patch_size": 2, "train.epochs": 2, "train.warmup_epochs": 1})
     assert row["model.patch_size"] == "2"
     assert 0.0 < float(row["test_accuracy"]) <= 1.0
     assert float(row["onnxruntime_test_accuracy"]) == pytest.approx(float(row["test_accuracy"]), abs=1e-6)
 
 
-def test_exp_run_distillation_learns_from_the_teacher_stage_and_exports(clone):
-    root, env = clone
+def test_exp_run_distillation_learns_from_the_teacher_stage_and_exports(pipeline_run):
+    root, env = pipeline_run
     overrides = {"model.distillation": "true", "train.epochs": 2, "train.warmup_epochs": 1}
     row = _exp_run(root, env, "distilled", overrides)
     assert 0.0 < float(row["test_accuracy"]) <= 1.0
@@ -215,8 +188,8 @@ def test_exp_run_distillation_learns_from_the_teacher_stage_and_exports(clone):
 @pytest.mark.skipif(
     not CIFAR100_SUBSET.exists(), reason=f"real CIFAR-100 subset not found at {CIFAR100_SUBSET}"
 )
-def test_cifar100_subset_through_the_mirror_parameters(clone):
-    root, env = clone
+def test_cifar100_subset_through_the_mirror_parameters(pipeline_run):
+    root, env = pipeline_run
     # 1,117 training images over 100 classes hold 5-22 per class: a random subset is not balanced, so the
     # balance tolerance is widened for it; every other expectation holds as for the full data set.
     overrides = {
