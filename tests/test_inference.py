@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from vitlab import inference
 from vitlab.errors import VitlabError
 from vitlab.export import export_onnx
 from vitlab.inference import (
+    BadInput,
     Classifier,
     classify_files,
     expand_inputs,
@@ -266,6 +268,59 @@ def test_vitlab_predict_refuses_a_bomb_with_one_line_and_nothing_else_on_stderr(
     assert done.stderr == "1 of 2 images could not be classified\n"  # no DecompressionBombWarning
 
 
+def _predict(model: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``vitlab predict MODEL ARGS --provider cpu`` in a child whose stdout is strict UTF-8, as in an
+    en_US.UTF-8 terminal (Python's UTF-8 mode, under a C locale, would hide an unencodable name)."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict", PYTHONUTF8="0", LC_ALL="C.UTF-8")
+    command = [sys.executable, "-m", "vitlab.cli", "predict", str(model), *args, "--provider", "cpu"]
+    return subprocess.run(command, capture_output=True, env=env, timeout=120, **kwargs)
+
+
+def test_bad_inputs_beside_good_files_are_lines_of_their_own_and_dash_reads_stdin(vit, pngs, tmp_path):
+    """A missing path, an empty glob or - aborted the whole batch (exit 2, nothing classified)."""
+    good = [str(p) for p in pngs[1][:2]]
+    piped = pngs[1][2].read_bytes()
+    done = _predict(
+        vit[1], good[0], str(tmp_path / "gone.png"), str(tmp_path / "*.gif"), "-", good[1], input=piped
+    )
+    assert done.returncode == 1
+    lines = dict(line.split("\t", 1) for line in done.stdout.decode().splitlines())
+    assert lines.pop(str(tmp_path / "gone.png")) == "error: no such file or folder"
+    assert lines.pop(str(tmp_path / "*.gif")) == "error: pattern matches no image files"
+    assert set(lines) == {*good, "/dev/stdin"} and not any(v.startswith("error") for v in lines.values())
+    # The image piped in gets the label its file gets.
+    alone = _predict(vit[1], str(pngs[1][2]))
+    assert lines["/dev/stdin"] == alone.stdout.decode().split("\t")[1].strip()
+    assert done.stderr.decode() == "2 of 5 images could not be classified\n"
+
+
+def test_a_name_that_is_not_utf8_is_printed_escaped_in_every_format_and_loses_no_result(vit, pngs, tmp_path):
+    """A Latin-1 café crashed the table at its line (UnicodeEncodeError) and lost the lines after it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [b"a.png", b"caf\xe9.png", b"tab\there.png", b"z.png"]
+    for name, source in zip(names, pngs[1], strict=False):
+        Path(os.fsdecode(os.path.join(bytes(folder), name))).write_bytes(source.read_bytes())
+    shown = [str(folder / n) for n in ("a.png", "caf\\xe9.png", "tab\\there.png", "z.png")]
+    table = _predict(vit[1], str(folder))
+    assert table.returncode == 0, table.stderr
+    assert [line.split(b"\t")[0].decode() for line in table.stdout.splitlines()] == shown
+    as_json = _predict(vit[1], str(folder), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    predictions = json.loads(as_json.stdout.decode("utf-8", "strict"))["predictions"]
+    assert [p["path"] for p in predictions] == shown and all(p["labels"] for p in predictions)
+
+
+def test_a_reader_that_stops_early_ends_predict_quietly_not_as_a_failure(vit, pngs):
+    """`vitlab predict ... | head -n 1` exited 1, the status of a failed image."""
+    command = [sys.executable, "-m", "vitlab.cli", "predict", str(vit[1]), str(pngs[1][0].parent)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader has gone before the first line
+    stderr = child.stderr.read()
+    assert child.wait(timeout=120) == 128 + 13  # what a shell reports for `cat big | head -n 1`
+    assert stderr == b""
+
+
 def test_bad_files_become_error_predictions_and_the_rest_still_runs(classifier, pngs, tmp_path):
     _, paths = pngs
     empty = tmp_path / "empty.png"
@@ -340,8 +395,13 @@ def test_select_providers(monkeypatch):
     monkeypatch.setattr(inference, "_usable_providers", lambda: {"CPUExecutionProvider"})
     assert select_providers("auto") == ["CPUExecutionProvider"]
     for choice in ("cuda", "tensorrt"):
-        with pytest.raises(VitlabError, match=f"provider '{choice}' is not usable here"):
+        with pytest.raises(VitlabError, match=f"^provider={choice} is not usable here: .*; set provider to"):
             select_providers(choice)
+    # The line names the setting the user chose it with.
+    with pytest.raises(
+        VitlabError, match=r"^inference.provider=cuda .*; set inference.provider to auto or cpu$"
+    ):
+        select_providers("cuda", "inference.provider")
 
     monkeypatch.setattr(
         inference, "_usable_providers", lambda: {"CUDAExecutionProvider", "CPUExecutionProvider"}
@@ -388,13 +448,45 @@ def test_expand_inputs_finds_images_in_files_folders_and_patterns(tmp_path, monk
     (tmp_path / "photo[1].png").write_bytes(b"x")  # an existing path is never read as a pattern
     assert expand_inputs(["photo[1].png"]) == [Path("photo[1].png")]
 
-    with pytest.raises(VitlabError, match=r"^a/\*.gif: pattern matches no image files"):
-        expand_inputs(["a/1.png", "a/*.gif"])
-    with pytest.raises(VitlabError, match=r"^photos: no such file or folder"):
-        expand_inputs(["photos"])
+    # An input that names no image is a BadInput in its place, beside the images of the others.
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VitlabError, match=r"^empty: folder holds no images"):
-        expand_inputs(["empty"])
+    assert expand_inputs(["a/1.png", "a/*.gif", "photos", "empty"]) == [
+        BadInput("a/*.gif", "pattern matches no image files"),  # sorted by name: "*" before "1"
+        Path("a/1.png"),
+        BadInput("empty", "folder holds no images (no file with an image extension: .jpg, .png...)"),
+        BadInput("photos", "no such file or folder"),
+    ]
+
+
+def test_a_folder_scan_and_a_glob_follow_symlinks_alike_and_report_what_they_cannot_read(tmp_path):
+    """A folder scan skipped images in linked folders while ** followed them: one rule (follow, each real
+    folder once, so a cycle ends), and a dangling image link or an unlistable folder is a line, not a gap."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (photos / "own").mkdir(parents=True)
+    (elsewhere / "deep").mkdir(parents=True)
+    (photos / "own" / "1.png").write_bytes(b"x")
+    (elsewhere / "2.png").write_bytes(b"x")
+    (elsewhere / "deep" / "3.png").write_bytes(b"x")
+    (photos / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(photos, target_is_directory=True)  # a cycle
+    (photos / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    by_folder = expand_inputs([str(photos)])
+    by_glob = expand_inputs([str(photos / "**")])
+    images = {photos / "own" / "1.png", photos / "linked" / "2.png", photos / "linked" / "deep" / "3.png"}
+    for found in (by_folder, by_glob):
+        assert {p.resolve() for p in found if isinstance(p, Path)} == {p.resolve() for p in images}
+        assert [b for b in found if isinstance(b, BadInput)] == [
+            BadInput(str(photos / "gone.png"), "broken symbolic link")
+        ]
+    if os.geteuid() != 0:  # root lists any folder
+        locked = photos / "locked"
+        locked.mkdir()
+        locked.chmod(0)
+        try:
+            found = expand_inputs([str(photos)])
+        finally:
+            locked.chmod(0o755)
+        assert BadInput(str(locked), "folder cannot be listed (Permission denied)") in found
 
 
 _COMMON_FORMATS = {
@@ -436,8 +528,8 @@ def test_a_folder_scan_finds_every_file_pillow_reads_by_the_same_rule_as_naming_
     labels = {r.path: r.labels for r in direct if r.path != str(folder / "notes.txt")}
     assert labels == {r.path: r.labels for r in results}
     assert [r.error for r in direct if r.path not in labels] == ["not an image Pillow can read"]
-    with pytest.raises(VitlabError, match="pattern matches no image files"):
-        expand_inputs([str(folder / "*.[mp][pd]?")])  # clip.mpg, scan.pdf: searched like a folder
+    pattern = str(folder / "*.[mp][pd]?")  # clip.mpg, scan.pdf: searched like a folder
+    assert expand_inputs([pattern]) == [BadInput(pattern, "pattern matches no image files")]
 
 
 def test_image_extensions_are_the_formats_pillow_decodes():

@@ -48,7 +48,13 @@ def _root(
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="an ONNX model exported by vitlab (models/model.onnx)")],
-    inputs: Annotated[list[str], typer.Argument(help="image files, folders (searched recursively) or globs")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="image files, folders (searched recursively, following links) or globs; - reads one image "
+            "from standard input"
+        ),
+    ],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per image")] = 3,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON document instead of a table")
@@ -57,24 +63,43 @@ def predict(
     threads: Annotated[int | None, typer.Option(min=1, help="intra-op threads (default: ORT's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per ONNX Runtime call")] = 256,
 ) -> None:
-    """Classify images of any size with ONNX Runtime (no torch needed). Exit 1 if any image failed."""
-    from vitlab.inference import Classifier, classify_files, expand_inputs
+    """Classify images of any size with ONNX Runtime (no torch needed). An input that cannot be classified (a
+    missing path, an unreadable image, a folder or glob without images) is its own error line and the others
+    are classified; exit 1 if any failed. A reader that stops early (| head) ends it quietly, as cat."""
+    from vitlab.inference import Classifier, classify_files, display_name, expand_inputs
 
-    classifier = Classifier(model, provider=provider, threads=threads)
+    classifier = Classifier(model, provider=provider, threads=threads, source="--provider")
     results = classify_files(classifier, expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
     if as_json:
-        typer.echo(json.dumps({"model": str(model), "predictions": [r.to_dict() for r in results]}, indent=2))
+        payload = {"model": display_name(str(model)), "predictions": [r.to_dict() for r in results]}
+        _echo(json.dumps(payload, indent=2))
     else:
         for r in results:
             if r.error:
-                typer.echo(f"{r.path}\terror: {r.error}")
+                _echo(f"{display_name(r.path)}\terror: {r.error}")
             else:
                 labels = ", ".join(f"{n} {p:.3f}" for n, p in zip(r.labels, r.probabilities, strict=True))
-                typer.echo(f"{r.path}\t{labels}")
+                _echo(f"{display_name(r.path)}\t{labels}")
     failed = sum(r.error is not None for r in results)
     if failed:
         typer.echo(f"{failed} of {len(results)} images could not be classified", err=True)
         raise typer.Exit(1)
+
+
+SIGPIPE_EXIT = 128 + 13
+"""The exit status of a command whose reader closed its output (``| head``): a shell's for ``cat`` then."""
+
+
+def _echo(text: str) -> None:
+    """Print a line of a command's result and flush it; a reader that has gone (``| head -n 1``) ends the
+    command quietly with SIGPIPE_EXIT: a closed pipe is neither a failed image nor an error."""
+    try:
+        typer.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's recipe: stdout onto /dev/null, so that the flush at exit does not fail once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(SIGPIPE_EXIT) from None
 
 
 @app.command()
@@ -98,7 +123,7 @@ def show_params(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate a params file and print every value, defaults included."""
     from vitlab.params import load_params
 
-    typer.echo(json.dumps(load_params(params).model_dump(by_alias=True, mode="json"), indent=2))
+    _echo(json.dumps(load_params(params).model_dump(by_alias=True, mode="json"), indent=2))
 
 
 @app.command()

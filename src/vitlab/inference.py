@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import io
 import json
+import os
+import stat
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +38,10 @@ _IDENTIFIED_ONLY = frozenset({"MPEG"})
 ALPHA_BACKGROUND = (255, 255, 255)
 _DEFAULT_DATA = DATASETS[DEFAULT_DATASET]
 _MODES = {1: "L", 3: "RGB"}  # Pillow's mode for each channel count a model may take
+# The most bytes read from a stream (standard input, a pipe): far above any photo, below a runaway producer.
+MAX_STREAM_BYTES = 256 * 2**20
+STDIN = Path("/dev/stdin")
+"""What ``-`` among ``expand_inputs``' inputs stands for: one image read from standard input."""
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -69,21 +76,19 @@ def load_image(
     """Any image Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP...) -> uint8 (image_size, image_size,
     channels): EXIF-rotated, alpha on white, RGB (3 channels) or grayscale by ITU-R 601 luma (1 channel),
     center-cropped square, Lanczos-resampled (antialiased). An image already of that size and mode comes back
-    byte for byte. An image over MAX_PIXELS (or Pillow's own limit) is refused before it is decoded; a
-    channel count other than 1 or 3 is a VitlabError."""
+    byte for byte. ``path`` may also be a stream (``STDIN``, a pipe), read once. An image over MAX_PIXELS (or
+    Pillow's own limit) is refused before it is decoded; a channel count other than 1 or 3 is a
+    VitlabError."""
     path = Path(path)
     if channels not in _MODES:
         raise VitlabError(f"models take 1 (grayscale) or 3 (RGB) channels, not {channels}")
-    if not path.is_file():
-        raise VitlabError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise VitlabError(f"{path}: empty file")
+    source = _open_source(path)
     try:
         with warnings.catch_warnings():
             # Pillow warns (on stderr) past Image.MAX_IMAGE_PIXELS and refuses past twice that: the limit
             # below refuses what it warns about, in one line, so its warning is only noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # should a user lower Pillow's
                 if width * height > limit:
@@ -99,6 +104,32 @@ def load_image(
         raise VitlabError(f"{path}: refused as a possible decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt, as each plugin reports it
         raise VitlabError(f"{path}: unreadable image ({error})") from None
+
+
+def _open_source(path: Path) -> Path | io.BytesIO:
+    """What Pillow opens for ``path``: the path of a regular file; the bytes of a stream (standard input, a
+    pipe, a process substitution), read once, at most MAX_STREAM_BYTES. VitlabError, naming ``path``, for a
+    missing path, a folder, an empty file or stream, or a stream over the limit."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing, a broken link, a component that is not a folder
+        raise VitlabError(f"{path}: no such file") from None
+    if stat.S_ISDIR(mode):
+        raise VitlabError(f"{path}: a folder, not an image")
+    if stat.S_ISREG(mode):
+        if path.stat().st_size == 0:
+            raise VitlabError(f"{path}: empty file")
+        return path
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_STREAM_BYTES + 1)
+    except OSError as error:
+        raise VitlabError(f"{path}: cannot read ({error.strerror or error})") from None
+    if not data:
+        raise VitlabError(f"{path}: empty input")
+    if len(data) > MAX_STREAM_BYTES:
+        raise VitlabError(f"{path}: input exceeds {MAX_STREAM_BYTES:,} bytes, more than any image")
+    return io.BytesIO(data)
 
 
 def _to_model_input(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
@@ -117,17 +148,21 @@ def _to_model_input(image: Image.Image, image_size: int, channels: int) -> np.nd
     return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
 
 
-def select_providers(choice: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for ``choice``, best first; "auto" is CUDA if usable, else the CPU."""
+def select_providers(choice: str = "auto", source: str = "provider") -> list[str]:
+    """ONNX Runtime execution providers for ``choice``, best first; "auto" is CUDA if usable, else the CPU.
+
+    Raises VitlabError for an unknown ``choice`` or one with no device here, in one line that names
+    ``source``, the setting to change (``--provider``, ``inference.provider``).
+    """
     if choice not in ("auto", *_PROVIDERS):
-        raise VitlabError(f"unknown provider {choice!r} (choose auto, {', '.join(_PROVIDERS)})")
+        raise VitlabError(f"{source}: unknown provider {choice!r} (choose auto, {', '.join(_PROVIDERS)})")
     usable = _usable_providers()
     if choice == "auto":
         return _PROVIDERS["cuda"] if "CUDAExecutionProvider" in usable else _PROVIDERS["cpu"]
     if _PROVIDERS[choice][0] not in usable:
         raise VitlabError(
-            f"provider {choice!r} is not usable here: ONNX Runtime finds no device for "
-            f"{_PROVIDERS[choice][0]} (installed: {', '.join(ort.get_available_providers())})"
+            f"{source}={choice} is not usable here: ONNX Runtime finds no device for {_PROVIDERS[choice][0]} "
+            f"(installed: {', '.join(ort.get_available_providers())}); set {source} to auto or cpu"
         )
     return _PROVIDERS[choice]
 
@@ -148,12 +183,18 @@ def _usable_providers() -> set[str]:
 class Classifier:
     """A vitlab ONNX model ready to classify uint8 images; ``predict`` may be called from many threads."""
 
-    def __init__(self, model_path: str | Path, provider: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        provider: str = "auto",
+        threads: int | None = None,
+        source: str = "provider",
+    ):
         """Open ``model_path`` on ``provider`` (see ``select_providers``) with ``threads`` intra-op threads
         (None: ORT's default). Raises VitlabError naming the file when it is missing or not loadable, when
-        an explicitly chosen provider does not start, when its class_names/mean/std metadata is missing,
-        invalid or disagrees with the number of logits, or when its input is not float (N, channels,
-        image_size, image_size) as its image_size/channels metadata says."""
+        an explicitly chosen provider does not start (naming ``source``, the setting that chose it), when
+        its class_names/mean/std metadata is missing, invalid or disagrees with the number of logits, or
+        when its input is not float (N, channels, image_size, image_size) as its metadata says."""
         path = Path(model_path)
         if not path.is_file():
             raise VitlabError(f"{path}: no such model file")
@@ -161,7 +202,7 @@ class Classifier:
         options.log_severity_level = 3  # errors only: ORT's warnings about graph details are not the user's
         if threads is not None:
             options.intra_op_num_threads = threads
-        providers = select_providers(provider)
+        providers = select_providers(provider, source)
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT's errors (InvalidProtobuf, Fail, ...) derive from Exception directly
@@ -170,7 +211,8 @@ class Classifier:
         # An explicit accelerator must run; "auto" accepts ORT's own fallback to the CPU.
         if provider != "auto" and providers[0] not in self.providers:
             raise VitlabError(
-                f"{path}: ONNX Runtime could not start {providers[0]} (running: {self.providers})"
+                f"{path}: ONNX Runtime could not start {providers[0]} (running: {self.providers}); set "
+                f"{source} to auto or cpu"
             )
 
         inputs = self._session.get_inputs()
@@ -236,8 +278,10 @@ class Classifier:
 
 @dataclasses.dataclass
 class Prediction:
-    """One file's result from ``classify_files``: its top-k labels and float probabilities, best first, or
-    ``error``, why it could not be read (without the path), with both lists empty."""
+    """One input's result from ``classify_files``: its top-k labels and float probabilities, best first, or
+    ``error``, why it could not be read (without the path), with both lists empty. ``path`` is the name as
+    the file system gave it (``os.fsdecode``: undecodable bytes as surrogate escapes); ``display_name``
+    makes it printable."""
 
     path: str
     labels: list[str]  # best first
@@ -245,31 +289,64 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (what ``vitlab predict --json`` prints per file)."""
-        return dataclasses.asdict(self)
+        """The fields as a JSON-ready dict (what ``vitlab predict --json`` prints per file), the path as
+        ``display_name`` writes it: valid UTF-8 whatever bytes the file's name holds."""
+        return dataclasses.asdict(self) | {"path": display_name(self.path)}
+
+
+def display_name(name: str) -> str:
+    """``name`` as text any terminal, UTF-8 file or JSON parser takes: a byte that was not valid UTF-8
+    (``os.fsdecode``'s surrogate escape) as ``\\xNN``, another unprintable character (a tab, a newline, an
+    escape sequence, a lone surrogate) as Python writes it in a string (``\\t``, ``\\n``, ``\\x1b``,
+    ``\\udc80``); everything else, any printable Unicode, as it is.
+
+    A Latin-1 ``café`` (bytes ``caf\\xe9``) shows as ``caf\\xe9``; a name with a tab or newline cannot split a
+    line of ``vitlab predict``'s output.
+    """
+    return "".join(
+        char
+        if char.isprintable()
+        else f"\\x{ord(char) - 0xDC00:02x}"
+        if 0xDC80 <= ord(char) <= 0xDCFF
+        else repr(char)[1:-1]
+        for char in name
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    """An input of ``expand_inputs`` that names no image to read: a missing path, a folder or pattern without
+    images, an unreadable folder; ``classify_files`` reports it as a failed ``Prediction``."""
+
+    path: str
+    error: str
 
 
 def classify_files(
-    classifier: Classifier, paths: Iterable[str | Path], top_k: int = 5, batch_size: int = 256
+    classifier: Classifier, paths: Iterable[str | Path | BadInput], top_k: int = 5, batch_size: int = 256
 ) -> list[Prediction]:
-    """Top-k labels per file, in the order given; a file that cannot be read gets ``error`` (why) instead."""
+    """Top-k labels per file, in the order given; a file that cannot be read, or a ``BadInput``, gets
+    ``error`` (why) instead: one bad input never stops the others."""
     if top_k < 1:
         raise VitlabError(f"top_k must be at least 1, got {top_k}")
     names = classifier.class_names
     k = min(top_k, len(names))
-    paths = [Path(p) for p in paths]
+    items = [p if isinstance(p, BadInput) else Path(p) for p in paths]
     results: list[Prediction] = []
     # Chunks of batch_size bound the memory: a million files never sit decoded at once.
-    for start in range(0, len(paths), batch_size):
+    for start in range(0, len(items), batch_size):
         chunk: list[Prediction] = []
         images: list[np.ndarray] = []
-        for path in paths[start : start + batch_size]:
+        for item in items[start : start + batch_size]:
+            if isinstance(item, BadInput):
+                chunk.append(Prediction(item.path, [], [], error=item.error))
+                continue
             try:
-                images.append(load_image(path, classifier.image_size, classifier.channels))
-                chunk.append(Prediction(str(path), [], []))
+                images.append(load_image(item, classifier.image_size, classifier.channels))
+                chunk.append(Prediction(str(item), [], []))
             except VitlabError as error:
                 # The reason alone: the Prediction already names the file.
-                chunk.append(Prediction(str(path), [], [], error=str(error).removeprefix(f"{path}: ")))
+                chunk.append(Prediction(str(item), [], [], error=str(error).removeprefix(f"{item}: ")))
         if images:
             probabilities = iter(classifier.predict(np.stack(images), batch_size=batch_size))
             for prediction in (p for p in chunk if p.error is None):
@@ -281,41 +358,79 @@ def classify_files(
     return results
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Image files from files, folders (recursively, image_extensions(), no hidden files) and glob patterns;
-    sorted and deduplicated. A folder or pattern with no image, or a missing path, is a VitlabError."""
-    found: dict[Path, Path] = {}
+def expand_inputs(inputs: list[str]) -> list[Path | BadInput]:
+    """The images that files, folders and glob patterns name, sorted by name and deduplicated, each input
+    that names none as a ``BadInput`` in its place: nothing is dropped without a line saying so.
+
+    - A file, or any other path that is not a folder (a pipe, ``/dev/stdin``), is read whatever its
+      extension; ``-`` is one image from standard input (``STDIN``).
+    - A folder is searched recursively for files with an image extension (``image_extensions()``), hidden
+      ones (a part starting with ".") left out; a pattern (``*``, ``?``, ``[``; ``**`` recursive) searches
+      the same way: the folders it matches are searched, the non-images it matches left out.
+    - Both follow symbolic links to folders (as ``**`` always has), each real folder once, so a link cycle
+      ends. A link with an image extension that points nowhere, and a folder that cannot be listed, are
+      ``BadInput``s, as are a missing path and a folder or pattern without images.
+    """
+    found: dict[Path, Path | BadInput] = {}
     for item in inputs:
+        path = STDIN if item == "-" else Path(item)
         # Existing paths first, so a file literally named "photo[1].png" is not read as a pattern.
-        if Path(item).is_dir():
-            files = _images_under(Path(item))
-            if not files:
-                raise VitlabError(
-                    f"{item}: folder holds no images (no file with an image extension: .jpg, .png...)"
+        if path.is_dir():
+            files = _images_under(path)
+            if not any(isinstance(f, Path) for f in files):
+                files.append(
+                    BadInput(item, "folder holds no images (no file with an image extension: .jpg, .png...)")
                 )
-        elif Path(item).is_file():
-            files = [Path(item)]  # named explicitly: classified whatever its extension
+        elif path.exists():
+            files = [path]  # named explicitly: classified whatever its extension
         elif any(c in item for c in "*?["):
-            # A pattern searches like a folder does: "photos/*" should not fail on photos/README.md.
             matches = [Path(m) for m in glob.glob(item, recursive=True)]
-            files = [f for m in matches for f in (_images_under(m) if m.is_dir() else [m]) if _is_image(f)]
-            if not files:
-                raise VitlabError(f"{item}: pattern matches no image files")
+            files = [
+                f for m in matches for f in (_images_under(m) if m.is_dir() else [_found(m)]) if _is_image(f)
+            ]
+            if not any(isinstance(f, Path) for f in files):
+                files.append(BadInput(item, "pattern matches no image files"))
         else:
-            raise VitlabError(f"{item}: no such file or folder")
-        for file in files:
-            found.setdefault(file.resolve(), file)
-    return sorted(found.values(), key=str)
+            files = [BadInput(item, "no such file or folder")]
+        # The shortest of the names a file is reached by (through links) stands for it.
+        for file in sorted(files, key=lambda f: (len(Path(_name(f)).parts), _name(f))):
+            found.setdefault(Path(_name(file)).resolve(), file)
+    return sorted(found.values(), key=_name)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    # Hidden files are skipped: macOS litters folders with "._photo.jpg" resource forks that are not images.
-    return [
-        p
-        for p in folder.rglob("*")
-        if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
+def _name(item: Path | BadInput) -> str:
+    return item.path if isinstance(item, BadInput) else str(item)
 
 
-def _is_image(path: Path) -> bool:
+def _images_under(folder: Path) -> list[Path | BadInput]:
+    """The image files below ``folder`` (``expand_inputs``' rule), with a BadInput for each folder that cannot
+    be listed and each image-named link that leads nowhere."""
+    found: list[Path | BadInput] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(error: OSError) -> None:
+        found.append(BadInput(str(error.filename), f"folder cannot be listed ({error.strerror})"))
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.stat(root)
+        if (real.st_dev, real.st_ino) in seen:  # a link back to a folder already searched
+            dirs.clear()
+            continue
+        seen.add((real.st_dev, real.st_ino))
+        # Hidden ones are skipped: macOS litters folders with "._photo.jpg" resource forks, not images.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [_found(Path(root, n)) for n in sorted(names) if not n.startswith(".")]
+    return [f for f in found if _is_image(f)]
+
+
+def _found(path: Path) -> Path | BadInput:
+    """``path``, or a BadInput for an image-named link that points nowhere (a search would drop it)."""
+    if path.suffix.lower() in image_extensions() and not path.exists():
+        return BadInput(str(path), "broken symbolic link")
+    return path
+
+
+def _is_image(path: Path | BadInput) -> bool:
+    if isinstance(path, BadInput):
+        return True  # a problem found while searching is reported, never filtered out
     return path.suffix.lower() in image_extensions() and path.is_file()

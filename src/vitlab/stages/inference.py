@@ -13,7 +13,7 @@ from vitlab.stages import Layout
 
 def run(params: Params, layout: Layout) -> None:
     """Write per-image predictions and the ONNX Runtime test accuracy under ``reports/inference``."""
-    classifier = Classifier(layout.onnx, provider=params.inference.provider)
+    classifier = Classifier(layout.onnx, provider=params.inference.provider, source="inference.provider")
     test = load_prepared(layout.prepared_dir).test
     start = time.perf_counter()
     probabilities = classifier.predict(test.images, batch_size=params.inference.batch_size)
