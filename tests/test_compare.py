@@ -199,20 +199,40 @@ def test_runs_without_a_validation_split_get_no_validation_curves(study, tmp_pat
 def test_parse_record_reads_the_files_a_run_leaves():
     predictions = "index,label,predicted,confidence,correct,loss\n0,cat,cat,0.9,1,0.1\n1,dog,cat,0.6,0,0.9\n"
     history = "epoch\tlr\ttrain_loss\tval_loss\tval_accuracy\n1\t0.001\t2.0\t1.9\t0.3\n"
-    model = json.dumps({"arch": "vit", "config": {"patch_size": 4}, "num_parameters": 1234})
+    model = json.dumps({"arch": "vit", "config": {"patch_size": 4, "depth": 3}, "num_parameters": 1234})
     record = compare.parse_record("p4", predictions, history, model, {"model": {"name": "vit"}})
     assert (record.name, record.model, record.arch, record.patch_size, record.num_parameters) == (
         "p4",
-        "vit",
+        "vit",  # no preset has 3 blocks
         "vit",
         4,
         1234,
     )
     assert record.predictions["correct"].tolist() == [1, 0]
     assert record.history["val_accuracy"].tolist() == [0.3]
-    cnn = json.dumps({"arch": "cnn", "config": {"channels": [16, 32]}, "num_parameters": 99})
-    preset = compare.parse_record("c", predictions, history, cnn, {"model": {"preset": "cnn-small"}})
-    assert (preset.model, preset.patch_size) == ("cnn-small", None)
+
+
+@pytest.mark.parametrize(
+    ("arch", "config", "label"),
+    [
+        ("cnn", {"channels": [16, 32]}, "cnn-small"),
+        ("cnn", {"channels": [8, 16]}, "cnn"),
+        ("vit", {"patch_size": 2, "dim": 64, "depth": 6, "heads": 4, "mlp_dim": 128}, "tinyvit"),  # p2 study
+        (
+            "vit",
+            {"patch_size": 2, "dim": 64, "depth": 10, "heads": 3, "head_dim": 32, "mlp_dim": 128},
+            "vit-p2",
+        ),
+        ("resnet", {"num_classes": 100}, "resnet"),
+    ],
+)
+def test_the_label_is_what_was_built_never_the_raw_preset_param(arch, config, label):
+    """The default study's CNN runs `-S model.name=cnn` beside params.yaml's `model.preset: tinyvit`: it built
+    a CNN, and the table, CSV and legend called it tinyvit."""
+    predictions = "index,label,predicted,confidence,correct,loss\n0,cat,cat,0.9,1,0.1\n"
+    model = json.dumps({"arch": arch, "config": config, "num_parameters": 9})
+    params = {"model": {"preset": "tinyvit", "name": arch}}
+    assert compare.parse_record("r", predictions, "epoch\n1\n", model, params).model == label
 
 
 def test_study_variants_are_one_vit_per_patch_size_and_the_cnn():
@@ -430,7 +450,8 @@ pathlib.Path("reports/train").mkdir(parents=True, exist_ok=True)
 pathlib.Path("reports/eval/predictions.csv").write_text(
     "index,label,predicted,confidence,correct,loss\\n" + "\\n".join(rows) + "\\n")
 pathlib.Path("reports/train/history.tsv").write_text("epoch\\tval_loss\\tval_accuracy\\n1\\t1.0\\t0.5\\n")
-config = {"patch_size": patch} if model["name"] == "vit" else {}
+tinyvit = {"dim": 64, "depth": 6, "heads": 4, "mlp_dim": 128}
+config = {"patch_size": patch, **tinyvit} if model["name"] == "vit" else {"channels": [8, 16]}
 pathlib.Path("reports/eval/model.json").write_text(
     json.dumps({"arch": model["name"], "config": config, "num_parameters": 100 + patch}))
 picture = "rollout.png" if model["name"] == "vit" else "gradcam.png"
@@ -467,7 +488,8 @@ def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monke
     root.mkdir()
     (root / "fake_stage.py").write_text(FAKE_STAGE)
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
-    (root / "params.yaml").write_text("model:\n  name: vit\n  patch_size: 4\n")
+    params = "model:\n  preset: tinyvit\n  name: vit\n  patch_size: 4\n"
+    (root / "params.yaml").write_text(params)
     _git(root, "init", "-q")
     _git(root, "config", "user.email", "tests@vitlab.invalid")
     _git(root, "config", "user.name", "vitlab tests")
@@ -477,7 +499,7 @@ def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monke
 
     names = compare.run_study(compare.study_variants([2, 8], "t"), repo=root)
     assert names == ["t-p2", "t-p8", "t-cnn"]
-    assert (root / "params.yaml").read_text() == "model:\n  name: vit\n  patch_size: 4\n"  # untouched
+    assert (root / "params.yaml").read_text() == params  # untouched
     assert sorted(compare.finished_experiments(root)) == sorted(names)
     with pytest.raises(VitlabError, match=r"dvc exp run -n t-cnn failed \(exit \d+\); its output is above"):
         compare.run_study({"t-cnn": ["model.name=cnn"]}, repo=root)  # the name is taken
@@ -490,7 +512,8 @@ def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monke
     media = run.media()
     assert len(media["comparison"].data) == 3
     assert {"accuracy_vs_patch", "val_curves", "t-p2-rollout", "t-cnn-gradcam"} <= set(media)
-    maps = root / "reports" / "compare" / "maps"
+    out = root / "reports" / "comparison"
+    maps = out / "maps"
     assert sorted(p.name for p in maps.iterdir()) == [
         "t-cnn-gradcam.png",
         "t-p2-rollout.png",
@@ -499,11 +522,25 @@ def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monke
     with Image.open(maps / "t-cnn-gradcam.png") as picture:
         assert picture.getpixel((0, 0)) == (0, 0, 255)  # the CNN's own picture
     printed = capsys.readouterr().out
-    assert "| t-p2 | vit | 2 | 102 | 1 |" in printed and "comparison of 3 runs" in printed
-    table = pd.read_csv(root / "reports" / "compare" / "table.csv")
+    assert "| t-p2 | tinyvit | 2 | 102 | 1 |" in printed and "comparison of 3 runs" in printed
+    table = pd.read_csv(out / "table.csv")
     assert table["run"].tolist() == ["t-p2", "t-p8", "t-cnn"]
+    # Labels are what each run built: the CNN ran beside params.yaml's `model.preset: tinyvit`.
+    assert table["model"].tolist() == ["tinyvit", "tinyvit", "cnn"]
     assert table["test_accuracy"].tolist() == pytest.approx([32 / 60, 38 / 60, 35 / 60])
     assert table["accuracy_vs_baseline"].tolist()[:2] == pytest.approx([-3 / 60, 3 / 60])
+    # Nothing the comparison wrote is tracked: the workspace is clean, for DVC and for git.
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=root, capture_output=True)
+    assert status.stdout == b""
+    # A folder holding tracked files (a comparison committed before) is refused: a checkout restores them.
+    (root / "reports" / "compare").mkdir()
+    (root / "reports" / "compare" / "table.md").write_text("old\n")
+    _git(root, "add", "reports/compare")
+    _git(root, "commit", "-q", "-m", "a committed comparison")
+    capsys.readouterr()
+    assert main(["compare", "--out", "reports/compare"]) == 2
+    assert "--out reports/compare: git tracks 1 files there" in capsys.readouterr().err
+    assert (root / "reports" / "compare" / "table.md").read_text() == "old\n"
 
     assert main(["compare", "--exp", "t-p2", "--exp", "nope"]) == 2
     assert "experiment 'nope': cannot read reports/eval/predictions.csv" in capsys.readouterr().err

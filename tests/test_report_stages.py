@@ -34,6 +34,10 @@ def pipeline(request, tmp_path_factory):
     monkeypatch.chdir(root)  # an offline W&B run would write ./wandb here; the fake writes nothing
     layout = stages.Layout.under(root)
     save_prepared(make_dataset(n_train=120, n_test=N_TEST, num_classes=10), layout.prepared_dir)
+    # The other family's pictures from a run before: the attention stage must not leave them beside its own.
+    layout.attention_dir.mkdir(parents=True)
+    for stale in ("layer_5.png", "rollout.png") if request.param == "cnn" else ("gradcam.png",):
+        (layout.attention_dir / stale).write_bytes(b"stale")
     params = parse_params(
         {
             "model": MODELS[request.param],

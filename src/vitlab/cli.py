@@ -157,18 +157,24 @@ def compare(
     force: Annotated[bool, typer.Option(help="--run: replace experiments of the same names")] = False,
     resamples: Annotated[int, typer.Option(min=100, help="bootstrap resamples of the test images")] = 10_000,
     seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
-    out: Annotated[Path, typer.Option(help="folder for table.md, table.csv and the plots")] = Path(
-        "reports/compare"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="folder for table.md, table.csv and the plots; git ignores it (its own .gitignore), and one "
+            "holding tracked files is refused"
+        ),
+    ] = Path("reports/comparison"),
 ) -> None:
     """Compare experiments on the same test images: accuracy with 95% bootstrap intervals, paired difference
-    to the CNN baseline, accuracy vs patch size and validation curves (writes reports/compare/). Experiments
-    named NAME-sSEED that differ only in train.seed are one configuration: mean ± sd over seeds."""
+    to the CNN baseline, accuracy vs patch size and validation curves (writes reports/comparison/, which git
+    ignores: the workspace stays clean). Experiments named NAME-sSEED that differ only in train.seed are one
+    configuration: mean ± sd over seeds."""
     from vitlab.compare import run_study, seed_variants, study_variants
     from vitlab.params import parse_params
     from vitlab.stages import Layout
-    from vitlab.stages.compare import compare_experiments
+    from vitlab.stages.compare import compare_experiments, refuse_tracked
 
+    refuse_tracked(out)  # before any experiment runs
     names = list(exp or [])
     if seeds is not None and not run:
         raise VitlabError("--seeds says which seeds --run trains: add --run (collected runs group by name)")

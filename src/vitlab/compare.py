@@ -37,6 +37,7 @@ from matplotlib.ticker import MaxNLocator
 from vitlab import files
 from vitlab.errors import VitlabError, one_line
 from vitlab.figures import DPI, save_png
+from vitlab.presets import preset_of
 from vitlab.stats import CONFIDENCE, RESAMPLES, Interval, SeedSpread, bootstrap_ci, over_seeds
 
 PREDICTION_COLUMNS = ("index", "label", "predicted", "confidence", "correct", "loss")
@@ -53,7 +54,7 @@ class RunRecord:
     """
 
     name: str
-    model: str  # the label shown: the preset's name, else the architecture's
+    model: str  # the label shown: the preset the built model is (vitlab.presets.preset_of), else its arch
     arch: str  # vit | cnn | resnet | mlp
     patch_size: int | None  # ViTs only
     num_parameters: int
@@ -482,7 +483,7 @@ def write_comparison(
     seed: int = 0,
 ) -> list[ComparisonRow]:
     """table.csv, table.md, accuracy_vs_patch.png and, when a run has a validation history, val_curves.png
-    in ``out_dir``; returns the rows."""
+    (else none: a previous comparison's is removed) in ``out_dir``; returns the rows."""
     out_dir = Path(out_dir)
     baseline = pick_baseline(records, baseline)
     rows = compare_runs(records, baseline, resamples=resamples, seed=seed)
@@ -491,6 +492,8 @@ def write_comparison(
     plot_accuracy_vs_patch(rows, out_dir / "accuracy_vs_patch.png")
     if any("val_accuracy" in record.history.columns for record in records):
         plot_val_curves(records, out_dir / "val_curves.png")
+    else:
+        (out_dir / "val_curves.png").unlink(missing_ok=True)
     return rows
 
 
@@ -637,14 +640,18 @@ def parse_record(
     name: str, predictions_csv: str, history_tsv: str, model_json: str, params: dict[str, Any]
 ) -> RunRecord:
     """A RunRecord from a run's files: predictions.csv, history.tsv, model.json and its params; its seed is
-    params' ``train.seed``, its group ``group_of`` its name."""
+    params' ``train.seed``, its group ``group_of`` its name.
+
+    Its label is what model.json says was built: the preset that architecture and config are, else the
+    architecture. Never params' ``model.preset``, which a preset rule may have set aside
+    (``-S model.name=cnn`` beside ``model.preset: tinyvit`` builds a CNN).
+    """
     model = json.loads(model_json)
     arch, config = model["arch"], model["config"]
-    preset = params.get("model", {}).get("preset")
     seed = params.get("train", {}).get("seed")
     return RunRecord(
         name=name,
-        model=preset or arch,
+        model=preset_of(arch, config) or arch,
         arch=arch,
         patch_size=config.get("patch_size") if arch == "vit" else None,
         num_parameters=int(model["num_parameters"]),

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,25 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def fresh_folder(folder: str | os.PathLike[str]) -> Path:
+    """Empty ``folder`` (creating it), so that it holds only what the caller writes next: a stage whose
+    output is a folder calls this first, as ``dvc repro`` would have removed it, so that a CNN's gradcam.png
+    never sits beside a ViT's stale layer_*.png from a run before. Returns it as a Path.
+
+    An OSError on the way (permissions, a file in the folder's place) is a VitlabError naming ``folder``.
+    """
+    folder = Path(folder)
+    try:
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink(missing_ok=True)
+        folder.mkdir(parents=True)
+    except OSError as error:
+        raise VitlabError(f"cannot empty {folder}: {error.strerror or error}") from None
+    return folder
 
 
 def _umask() -> int:

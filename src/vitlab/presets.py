@@ -97,3 +97,29 @@ PRESETS: dict[str, Preset] = {
     ),
     "mlp": Preset("mlp", {"hidden": (512, 256)}, "hidden layers 512, 256 on the flattened pixels"),
 }
+
+
+def preset_of(arch: str, config: dict[str, Any]) -> str | None:
+    """The preset a built model is (``arch`` and ``config`` as a checkpoint or model.json describes it), the
+    name its reports show; None when it is none of them.
+
+    A preset matches when every key of the built config, defaults filled in, equals the preset's, apart from
+    what the data sets (``vitlab.params.FROM_DATA``) and the patch size, which a patch-size study varies and
+    reports show on their own: ``-S model.patch_size=2`` beside tinyvit is still tinyvit, at patch 2. Among
+    presets that differ only in patch size (cct-7-3x1, cct-7-3x2) the one of the built patch size wins.
+    A name from params.yaml (``model.preset``) is not trusted here: a preset rule may have set it aside.
+    """
+    from vitlab.params import CONFIGS, FROM_DATA  # vitlab.params reads PRESETS: imported when called
+
+    if arch not in CONFIGS:
+        return None
+    schema, ignored = CONFIGS[arch], {*FROM_DATA, "patch_size"}
+    built = schema(**config)
+    shape = built.model_dump(mode="json", exclude=ignored)
+    patch_size = getattr(built, "patch_size", None)
+    matches = sorted(
+        (preset.config.get("patch_size") != patch_size, name)
+        for name, preset in PRESETS.items()
+        if preset.arch == arch and schema(**preset.config).model_dump(mode="json", exclude=ignored) == shape
+    )
+    return matches[0][1] if matches else None

@@ -14,11 +14,12 @@ from vitlab.tracking import Tracker
 
 
 def run(params: Params, layout: Layout) -> None:
-    """Draw ``attention.num_images`` test images' maps into ``layout.attention_dir`` with a summary.json."""
+    """Draw ``attention.num_images`` test images' maps into ``layout.attention_dir`` with a summary.json; the
+    folder is emptied first, so it holds this run's pictures only."""
     test = load_prepared(layout.prepared_dir).test
     ckpt = load_checkpoint(layout.checkpoint, geometry=test.geometry)
     n = min(params.attention.num_images, len(test))
-    layout.attention_dir.mkdir(parents=True, exist_ok=True)
+    files.fresh_folder(layout.attention_dir)
     summary = render_attention(
         ckpt.model,
         test.images[:n],

@@ -17,8 +17,9 @@ from vitlab.export import (
     quantize_onnx,
     verify_onnx,
 )
-from vitlab.models import has_attention
+from vitlab.models import describe_model, has_attention
 from vitlab.params import Params
+from vitlab.presets import preset_of
 from vitlab.stages import Layout
 
 
@@ -30,7 +31,7 @@ def run(params: Params, layout: Layout) -> None:
     p, dataset = params.export, load_prepared(layout.prepared_dir)
     ckpt = load_checkpoint(layout.checkpoint, geometry=dataset.test.geometry)
     variants = {"fp32": (layout.onnx, False)}
-    layout.onnx_attention_dir.mkdir(parents=True, exist_ok=True)  # DVC's declared output, empty for a CNN
+    files.fresh_folder(layout.onnx_attention_dir)  # DVC's declared output: empty for a CNN, never stale
     if p.attention_model and has_attention(ckpt.model):
         variants["attention"] = (layout.onnx_attention_dir / "model.onnx", True)
     metadata, metrics = _metadata(params, layout, ckpt), {}
@@ -50,12 +51,13 @@ def run(params: Params, layout: Layout) -> None:
 
 
 def _metadata(params: Params, layout: Layout, ckpt: Any) -> dict[str, str]:
-    """What ties an ONNX file to its run: dataset, preset, sha256 of the validated params, test accuracy."""
+    """What ties an ONNX file to its run: dataset, the preset the checkpoint's model is (not params', which a
+    preset rule may set aside), sha256 of the validated params, test accuracy."""
     eval_metrics = json.loads(layout.eval_metrics.read_text()) if layout.eval_metrics.exists() else {}
     dump = json.dumps(params.model_dump(by_alias=True), sort_keys=True)
     return {
         "dataset": ckpt.dataset,
-        "model_preset": params.model.preset or "",
+        "model_preset": preset_of(**describe_model(ckpt.model)) or "",
         "params_sha256": hashlib.sha256(dump.encode()).hexdigest(),
         "test_accuracy": str(eval_metrics.get("test_accuracy", "")),
     }
