@@ -8,6 +8,7 @@ import torch
 from vitlab import files
 from vitlab.checkpoint import save_checkpoint
 from vitlab.data.prepared import load_prepared
+from vitlab.device import compile_backend
 from vitlab.distributed import is_main_process
 from vitlab.models import build_model, count_parameters, preset_config
 from vitlab.params import Params
@@ -19,6 +20,11 @@ def run(params: Params, layout: Layout) -> None:
     """Train the teacher, then save its best-on-validation weights to ``layout.teacher`` and its metrics
     (rank 0 only under torchrun). The resume state ``layout.teacher_state`` is deleted once both are
     written."""
+    with compile_backend(params.train.compile, params.train.device):  # checked before anything is read
+        _run(params, layout)
+
+
+def _run(params: Params, layout: Layout) -> None:
     dataset = load_prepared(layout.prepared_dir)
     train_split, val_split, norm = training_data(dataset, params.data)
     recipe = params.teacher.recipe(params.train)

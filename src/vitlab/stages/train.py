@@ -7,6 +7,7 @@ import torch
 from vitlab import files
 from vitlab.checkpoint import save_checkpoint
 from vitlab.data.prepared import load_prepared
+from vitlab.device import compile_backend
 from vitlab.distill import load_teacher
 from vitlab.distributed import is_main_process
 from vitlab.figures import animate_training, plot_training_curves
@@ -21,6 +22,11 @@ def run(params: Params, layout: Layout) -> None:
     """Train, then save the best-on-validation weights, the history, curves and metrics (rank 0 only under
     torchrun). The resume state ``layout.train_state`` is deleted once every output is written. A ViT with
     ``model.distillation`` learns from the teacher stage's ``layout.teacher`` (DeiT)."""
+    with compile_backend(params.train.compile, params.train.device):  # checked before anything is read
+        _run(params, layout)
+
+
+def _run(params: Params, layout: Layout) -> None:
     dataset = load_prepared(layout.prepared_dir)
     train_split, val_split, norm = training_data(dataset, params.data)
     torch.manual_seed(params.train.seed)  # fixes the weight initialization too
