@@ -523,3 +523,78 @@ def test_stage_runs_of_an_experiment_share_its_name_as_their_group(monkeypatch):
     tracking.Tracker({"a": 1}, job_type="evaluate")
     [kwargs] = calls
     assert (kwargs["name"], kwargs["group"], kwargs["job_type"]) == ("study-p4", "study-p4", "evaluate")
+
+
+def test_a_temporary_experiments_runs_go_to_the_projects_wandb_folder(monkeypatch, wandb_env):
+    """`dvc exp run --temp` and `dvc queue` run stages in .dvc/tmp/exps/... copies that DVC deletes: the
+    offline runs were written there and lost. DVC_ROOT names the repository: its wandb/, settings included."""
+    import wandb
+
+    root = Path.cwd()
+    _write_settings(root / "wandb" / "settings", mode="offline")  # `wandb offline`, run in the project
+    copy = root / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.setenv("WANDB_API_KEY", KEY)  # logged in: only the project's settings say offline
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or "run")
+    assert tracking.resolve_mode() == "offline"
+    tracking.Tracker({"a": 1})
+    assert [Path(kwargs["dir"]) for kwargs in calls] == [root]
+    monkeypatch.setenv("WANDB_DIR", str(wandb_env))  # the user's own choice wins
+    assert tracking.project_dir() == wandb_env
+
+
+_EXPERIMENT_STAGE = """
+from vitlab.tracking import Tracker
+with Tracker({"lr": 0.1}) as tracker:
+    tracker.log({"loss": 1.0}, step=1)
+open("out.txt", "w").write("done")
+"""
+
+
+@pytest.mark.slow
+def test_an_offline_run_of_a_temporary_dvc_experiment_survives_it(wandb_env, tmp_path):
+    """The real DVC and W&B: `dvc exp run --temp` deletes its copy, the run stays in the project's wandb/."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "stage.py").write_text(_EXPERIMENT_STAGE)
+    (root / "params.yaml").write_text("lr: 0.1\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [lr]\n"
+        "    outs: [{out.txt: {cache: false}}]\n"
+    )
+    (root / ".gitignore").write_text("wandb/\n")
+    env = dict(os.environ, WANDB_MODE="offline", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for command in (
+        ["git", "init", "-q"],
+        [
+            "git",
+            "-c",
+            "user.email=t@vitlab.invalid",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "0",
+        ],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        ["git", "add", "."],
+        ["git", "-c", "user.email=t@vitlab.invalid", "-c", "user.name=t", "commit", "-q", "-m", "1"],
+    ):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "e1", "-S", "lr=0.2"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [run] = (root / "wandb").glob("offline-run-*")
+    assert f"W&B: offline run saved in {run} (upload it with: wandb sync {run})" in done.stdout
+    assert not list((root / ".dvc" / "tmp" / "exps").glob("*/wandb"))  # nothing left in a copy

@@ -5,10 +5,18 @@ Mode, decided the way W&B documents it; the first source that says something win
 1. the environment: ``WANDB_DISABLED=true`` (or ``1``) turns tracking off; else ``WANDB_MODE`` (any case, one
    of W&B's modes);
 2. ``mode`` in the settings files that ``wandb offline`` / ``wandb disabled`` / ``wandb online`` /
-   ``wandb enabled`` write: the workspace file ``wandb/settings`` under ``WANDB_DIR`` (default: the working
-   folder), then the global one (``$WANDB_CONFIG_DIR/settings``, default ``~/.config/wandb/settings``);
+   ``wandb enabled`` write: the workspace file ``wandb/settings`` under the project's folder
+   (``project_dir``), then the global one (``$WANDB_CONFIG_DIR/settings``, default
+   ``~/.config/wandb/settings``);
 3. ``online`` when logged in (``WANDB_API_KEY``, a netrc entry for the W&B server, as ``wandb login``
-   writes), else ``offline``: runs are written under ./wandb and can be uploaded later with ``wandb sync``.
+   writes), else ``offline``: runs are written under the project's ``wandb/`` and can be uploaded later with
+   ``wandb sync``.
+
+The project's folder is ``WANDB_DIR`` when set, else the repository DVC runs the stage for (``DVC_ROOT``),
+else the working folder. ``dvc exp run --temp``, ``vitlab compare --run`` and ``dvc queue`` run a stage in a
+copy of the repository under ``.dvc/tmp/exps/`` that DVC deletes when the experiment ends; DVC_ROOT names the
+repository itself there, so an offline run survives its experiment (and the one line the run prints says
+where it is).
 
 A value W&B would not accept stops the stage with a VitlabError naming where it came from. Online, the server
 must answer a TCP connection within a few seconds or the run is logged offline with one warning; any other W&B
@@ -98,9 +106,8 @@ def _settings_files() -> list[tuple[Path, dict[str, str]]]:
     from wandb.sdk.wandb_settings import Settings
 
     settings = Settings()
-    # What wandb takes from WANDB_DIR and WANDB_USE_DOT_WANDB to place the workspace file.
-    if os.environ.get("WANDB_DIR"):
-        settings.root_dir = os.environ["WANDB_DIR"]
+    # What wandb takes from WANDB_DIR (here: project_dir) and WANDB_USE_DOT_WANDB to place the workspace file.
+    settings.root_dir = str(project_dir())
     settings.use_dot_wandb = _truth("WANDB_USE_DOT_WANDB")
     # As wandb_setup._WandbSetup._load_settings finds the global file.
     config_dir = os.environ.get("WANDB_CONFIG_DIR")
@@ -111,6 +118,13 @@ def _settings_files() -> list[tuple[Path, dict[str, str]]]:
     )
     paths = [Path(settings.settings_workspace), global_file]
     return [(path, SettingsFiles(global_settings=None, local_settings=path).all()) for path in paths]
+
+
+def project_dir() -> Path:
+    """The folder whose ``wandb/`` holds the runs and the workspace settings: ``WANDB_DIR`` when set, else
+    ``DVC_ROOT`` (the repository, also when DVC runs the stage in a temporary copy that it deletes after
+    the experiment), else the working folder."""
+    return Path(os.environ.get("WANDB_DIR") or os.environ.get("DVC_ROOT") or ".").absolute()
 
 
 def _server_url(files: list[tuple[Path, dict[str, str]]] | None = None) -> str:
@@ -251,6 +265,7 @@ class Tracker:
                 job_type=job_type,
                 config=config,
                 mode=mode,
+                dir=str(project_dir()),
                 settings=wandb.Settings(
                     silent=True, init_timeout=INIT_TIMEOUT_S, console="off", x_disable_stats=True
                 ),
@@ -303,9 +318,17 @@ class Tracker:
         self.finish()
 
     def finish(self) -> None:
-        """End the run (an offline one stays under ./wandb for ``wandb sync``); no-op when tracking is off."""
-        self._call(self.run.finish if self.run else lambda: None)
-        self.run = None
+        """End the run; no-op when tracking is off. An offline run stays under the project's ``wandb/`` for
+        ``wandb sync``; one written from outside the working folder (a temporary experiment's copy) is named
+        in one line, as nothing in the workspace shows it."""
+        run = self.run
+        # Read before finishing: W&B's run is not to be asked anything after finish().
+        offline = run is not None and getattr(run, "offline", False)
+        folder = Path(getattr(run, "dir", "") or ".").parent  # run.dir: wandb/offline-run-ID/files
+        self._call(run.finish if run else lambda: None)
+        finished, self.run = self.run is not None, None  # _call drops a run whose finish failed
+        if finished and offline and not folder.absolute().is_relative_to(Path.cwd()):
+            print(f"W&B: offline run saved in {folder} (upload it with: wandb sync {folder})")
 
     def _call(self, action) -> None:
         if self.run is None:
