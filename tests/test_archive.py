@@ -470,3 +470,23 @@ def test_the_real_cifar10_subset_trusts_the_arrays_not_the_meta_counts(tmp_path)
     assert (len(dataset.train), len(dataset.test)) == (5482, 1017)
     assert np.bincount(dataset.train.labels).tolist() == [542, 571, 531, 530, 567, 527, 545, 553, 577, 539]
     assert np.bincount(dataset.test.labels).tolist() == [105, 93, 100, 104, 92, 87, 114, 102, 110, 110]
+
+
+def test_a_killed_extractions_folder_is_removed_by_the_next_run_but_never_a_running_one(tmp_path):
+    """A killed extraction left a hidden data/raw/.extract-* folder (157 MB for CIFAR-10) that no run removed;
+    one in use by another process (a dvc queue worker sharing data/raw) must survive."""
+    import fcntl
+
+    raw = tmp_path / "raw"
+    stale = raw / ".extract-killed"
+    (stale / "archive" / "cifar-10-batches-py").mkdir(parents=True)
+    (stale / "archive" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x" * 1000)
+    running = os.open(raw, os.O_RDONLY)  # another process, extracting right now, holds raw's shared lock
+    try:
+        fcntl.flock(running, fcntl.LOCK_SH)
+        prepare_dataset(SAMPLE, None, None, raw, tmp_path / "prepared", progress=False)
+        assert stale.exists()  # it could be that process's folder
+    finally:
+        os.close(running)
+    prepare_dataset(SAMPLE, None, None, raw, tmp_path / "prepared", progress=False)
+    assert not list(raw.glob(".extract-*"))

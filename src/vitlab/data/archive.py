@@ -10,6 +10,8 @@ through the archive md5 the user gives (``data.md5``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import os
 import pickle
@@ -17,6 +19,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,8 +315,8 @@ def prepare_dataset(
     raw_dir.mkdir(parents=True, exist_ok=True)
     url = spec.url if source is None else source
     md5 = spec.md5 if source is None else md5
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=raw_dir) as tmp:
-        root, archive = _obtain(spec, source, url, md5, raw_dir, Path(tmp), progress)
+    with extraction_folder(raw_dir) as tmp:
+        root, archive = _obtain(spec, source, url, md5, raw_dir, tmp, progress)
         unofficial = unofficial_file(root, spec)
         if unofficial and md5 is None:
             if archive is None:  # a folder: there is no archive md5 to vouch for other files
@@ -341,6 +344,32 @@ def prepare_dataset(
     )
     save_prepared(dataset, out_dir)
     return dataset
+
+
+@contextlib.contextmanager
+def extraction_folder(raw_dir: Path) -> Iterator[Path]:
+    """A new hidden ``raw_dir/.extract-*`` folder to extract into, deleted on the way out; first, the ones
+    that runs killed mid-extraction left behind (157 MB for the full CIFAR-10) are deleted.
+
+    A folder in use is never deleted: every extraction holds a shared lock (``flock``) on ``raw_dir`` itself
+    from before its folder exists until after it is gone, and the leftovers are removed only under the
+    exclusive lock, which no other process can hold while one extracts (``dvc queue`` workers share the
+    cache). The kernel drops a killed process's lock, so what it left is stale by then.
+    """
+    lock = os.open(raw_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is extracting: its folder is not stale
+            pass
+        else:
+            for stale in raw_dir.glob(".extract-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_SH)  # shared beside other extractions; waits out a cleaner, if any
+        with tempfile.TemporaryDirectory(prefix=".extract-", dir=raw_dir) as tmp:
+            yield Path(tmp)
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def _obtain(
