@@ -142,3 +142,10 @@ def test_failed_validation_stops_the_pipeline_with_its_evidence(tmp_path, monkey
         "params.yaml",
         "reports/validation.json",
     ]
+
+
+def test_an_error_about_a_name_that_is_not_utf8_is_one_escaped_line(tmp_path, capsys):
+    """Any name the file system holds is printed, escaped, in every command's messages too."""
+    missing = os.fsdecode(os.path.join(bytes(tmp_path), b"caf\xe9\t.yaml"))
+    assert main(["params", "--params", missing]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/caf\\xe9\\t.yaml: no such params file\n"

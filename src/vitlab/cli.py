@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from vitlab import __version__
-from vitlab.errors import VitlabError, exit_code
+from vitlab.errors import VitlabError, display_name, exit_code
 
 app = typer.Typer(
     help="Vision Transformers on CIFAR: a reproducible pipeline (dvc repro) and ONNX Runtime inference.",
@@ -66,7 +66,7 @@ def predict(
     """Classify images of any size with ONNX Runtime (no torch needed). An input that cannot be classified (a
     missing path, an unreadable image, a folder or glob without images) is its own error line and the others
     are classified; exit 1 if any failed. A reader that stops early (| head) ends it quietly, as cat."""
-    from vitlab.inference import Classifier, classify_files, display_name, expand_inputs
+    from vitlab.inference import Classifier, classify_files, expand_inputs
 
     classifier = Classifier(model, provider=provider, threads=threads, source="--provider")
     results = classify_files(classifier, expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
@@ -76,7 +76,7 @@ def predict(
     else:
         for r in results:
             if r.error:
-                _echo(f"{display_name(r.path)}\terror: {r.error}")
+                _echo(f"{display_name(r.path)}\terror: {display_name(r.error)}")
             else:
                 labels = ", ".join(f"{n} {p:.3f}" for n, p in zip(r.labels, r.probabilities, strict=True))
                 _echo(f"{display_name(r.path)}\t{labels}")
@@ -206,6 +206,12 @@ def _integers(text: str, option: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app; a VitlabError or OSError is one line on stderr and exit code 2."""
+    # The last guard for a name the file system holds but UTF-8 cannot (undecodable bytes from the command
+    # line or a folder's listing): printed as a backslash escape, never a UnicodeEncodeError that loses the
+    # lines after it. vitlab prints names through display_name; this catches any it does not.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and sys.stdout.errors == "strict":
+        reconfigure(errors="backslashreplace")
     try:
         return exit_code(lambda: app(args=argv, prog_name="vitlab"))  # click reports usage errors itself
     except SystemExit as done:  # click ends every standalone run this way, success included

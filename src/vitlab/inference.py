@@ -25,7 +25,7 @@ import onnxruntime as ort
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vitlab.data.sources import DATASETS, DEFAULT_DATASET
-from vitlab.errors import VitlabError, one_line
+from vitlab.errors import VitlabError, display_name, one_line
 
 # 64 megapixels covers any camera; beyond it a small file is most likely a decompression bomb. Checked here
 # rather than through Image.MAX_IMAGE_PIXELS, which is process-wide state that warns before it refuses (its
@@ -289,28 +289,10 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (what ``vitlab predict --json`` prints per file), the path as
-        ``display_name`` writes it: valid UTF-8 whatever bytes the file's name holds."""
-        return dataclasses.asdict(self) | {"path": display_name(self.path)}
-
-
-def display_name(name: str) -> str:
-    """``name`` as text any terminal, UTF-8 file or JSON parser takes: a byte that was not valid UTF-8
-    (``os.fsdecode``'s surrogate escape) as ``\\xNN``, another unprintable character (a tab, a newline, an
-    escape sequence, a lone surrogate) as Python writes it in a string (``\\t``, ``\\n``, ``\\x1b``,
-    ``\\udc80``); everything else, any printable Unicode, as it is.
-
-    A Latin-1 ``café`` (bytes ``caf\\xe9``) shows as ``caf\\xe9``; a name with a tab or newline cannot split a
-    line of ``vitlab predict``'s output.
-    """
-    return "".join(
-        char
-        if char.isprintable()
-        else f"\\x{ord(char) - 0xDC00:02x}"
-        if 0xDC80 <= ord(char) <= 0xDCFF
-        else repr(char)[1:-1]
-        for char in name
-    )
+        """The fields as a JSON-ready dict (what ``vitlab predict --json`` prints per file), the path and the
+        error as ``display_name`` writes them: valid UTF-8 whatever bytes the file's name holds."""
+        error = None if self.error is None else display_name(self.error)
+        return dataclasses.asdict(self) | {"path": display_name(self.path), "error": error}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vitlab import files as outputs
 from vitlab.compare import RunFiles, collect_maps, dvc_records, finished_experiments, write_comparison
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, display_name
 from vitlab.stages import Layout
 from vitlab.tracking import Tracker
 
@@ -43,7 +43,7 @@ def compare_experiments(
         tracker.log_images({path.stem: path for path in maps})
     print((out_dir / "table.md").read_text(), end="")
     grouped = f" ({len(rows)} configurations over seeds)" if len(rows) < len(names) else ""
-    print(f"comparison of {len(names)} runs{grouped} -> {out_dir}")
+    print(f"comparison of {len(names)} runs{grouped} -> {display_name(str(out_dir))}")
 
 
 def ignored_folder(folder: Path) -> None:
