@@ -24,8 +24,9 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     for target in sorted(targets):
         if (repo / target).is_file() and files.get_file_from_path(target) is None:
             # Not in the nav: a page such as SECURITY.md is reached by its link, not the menu.
-            inclusion = InclusionLevel.NOT_IN_NAV
-            files.append(File(target, str(repo), config.site_dir, config.use_directory_urls, inclusion=inclusion))
+            file = File(target, str(repo), config.site_dir, config.use_directory_urls)
+            file.inclusion = InclusionLevel.NOT_IN_NAV
+            files.append(file)
     return files
 
 
