@@ -418,9 +418,10 @@ def test_bad_seeds_are_one_line_errors_before_any_run(argv, message, monkeypatch
 # --- through DVC: a fake pipeline whose one stage writes what the real evaluate and train stages write ----
 
 FAKE_STAGE = """
-import json, pathlib, yaml
+import json, pathlib
 from PIL import Image
-model = yaml.safe_load(open("params.yaml"))["model"]
+from ruamel.yaml import YAML
+model = YAML(typ="safe").load(open("params.yaml"))["model"]  # as DVC (and vitlab.params) read it
 n, patch = 60, model["patch_size"] if model["name"] == "vit" else 0
 hits = {"vit": 30 + patch, "cnn": 35}[model["name"]]
 rows = [f"{i},c{i % 3},{'c%d' % (i % 3) if i < hits else 'x'},0.5,{int(i < hits)},{0.5 if i < hits else 2.0}"
