@@ -189,9 +189,12 @@ def test_write_comparison_writes_the_tables_and_plots(study, tmp_path):
     assert_picture(out / "val_curves.png", (1200, 450))
 
 
-def test_runs_without_a_validation_split_get_no_validation_curves(study, tmp_path):
-    """Runs trained on every training image (the full-data benchmark) have no validation history."""
-    no_val = [replace(r, history=r.history[["epoch"]]) for r in study]
+@pytest.mark.parametrize("columns", ["absent", "empty"])
+def test_runs_without_a_validation_split_get_no_validation_curves(study, tmp_path, columns):
+    """Runs trained on every training image (the full-data benchmark) have no validation history: no val_
+    columns, or (the train stage's history.tsv, for dvc.yaml's plots) empty ones."""
+    empty = {"absent": {}, "empty": {"val_loss": np.nan, "val_accuracy": np.nan}}[columns]
+    no_val = [replace(r, history=r.history[["epoch"]].assign(**empty)) for r in study]
     compare.write_comparison(no_val, tmp_path, resamples=1000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_patch.png", "table.csv", "table.md"]
 

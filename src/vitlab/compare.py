@@ -455,13 +455,19 @@ def _non_vits(rows: Sequence[ComparisonRow]) -> list[ComparisonRow]:
     return [r for r in rows if r.patch_size is None]
 
 
+def validated(history: pd.DataFrame) -> bool:
+    """Whether a run's history (history.tsv) holds validation measurements: a run without a validation split
+    has none, or empty val_ columns (kept for dvc.yaml's plots)."""
+    return "val_accuracy" in history.columns and bool(history["val_accuracy"].notna().any())
+
+
 def plot_val_curves(records: Sequence[RunRecord], path: str | Path) -> Path:
     """Validation loss and accuracy per epoch of every run, on one figure."""
     fig = Figure(figsize=(12.0, 4.5), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     for record in sorted(records, key=_study_order):
         history = record.history
-        if "val_accuracy" not in history.columns:
+        if not validated(history):
             continue  # a run without a validation split has no curve to show
         label = _label(record.name, record.model)
         axes[0].plot(history["epoch"], history["val_loss"], label=label)
@@ -489,7 +495,7 @@ def write_comparison(
     files.write_text(out_dir / "table.csv", table_csv(rows, baseline))
     files.write_text(out_dir / "table.md", table_markdown(rows, baseline, resamples, seed))
     plot_accuracy_vs_patch(rows, out_dir / "accuracy_vs_patch.png")
-    if any("val_accuracy" in record.history.columns for record in records):
+    if any(validated(record.history) for record in records):
         plot_val_curves(records, out_dir / "val_curves.png")
     return rows
 
