@@ -418,6 +418,38 @@ def test_bad_seeds_are_one_line_errors_before_any_run(argv, message, monkeypatch
     assert error.startswith(f"error: {message}") and error.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # MNIST's 28 pixels take patch sizes 2 and 4 but not 8: the third run would have failed.
+        (
+            "data.dataset=mnist",
+            "experiment t-p8 (-S data.dataset=mnist -S model.name=vit -S model.patch_size=8): "
+            "model.patch_size=8 does not divide the image size 28",
+        ),
+        (
+            "model.patch_szie=4",
+            "experiment t-p2 (-S model.patch_szie=4 -S model.name=vit -S model.patch_size=2): "
+            "Could not override 'model.patch_szie'",
+        ),
+        (
+            "params.yaml:train.amp=yes",
+            "experiment t-p2 (-S train.amp=yes -S model.name=vit -S model.patch_size=2): "
+            "train.amp: got 'yes'; input should be 'auto', 'bf16' or 'off'",
+        ),
+    ],
+)
+def test_every_variant_is_validated_before_any_runs(setting, message, tmp_path, monkeypatch, capsys):
+    from vitlab.cli import main
+
+    (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare.subprocess, "run", lambda *_, **__: pytest.fail("a run started"))
+    assert main(["compare", "--run", "--prefix", "t", "--set", setting]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.count("\n") == 1
+
+
 # --- through DVC: a fake pipeline whose one stage writes what the real evaluate and train stages write ----
 
 FAKE_STAGE = """

@@ -22,8 +22,10 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,8 +536,10 @@ def run_study(
     """Run each variant as ``dvc exp run --temp -n NAME -S ...`` (plus ``settings`` for all), one by one.
 
     ``--temp`` runs each experiment in a temporary copy of the repository, so params.yaml and the workspace
-    outputs stay as they were. Returns the experiment names.
+    outputs stay as they were. Every variant's params are validated (``check_variants``) before the first
+    runs. Returns the experiment names.
     """
+    check_variants(variants, settings, repo)
     env = dict(os.environ)
     # The stages run `python`: this interpreter's, with its packages, even from a non-activated shell.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -549,6 +553,34 @@ def run_study(
         if done.returncode:
             raise VitlabError(f"dvc exp run -n {name} failed (exit {done.returncode}); its output is above")
     return list(variants)
+
+
+def check_variants(
+    variants: dict[str, list[str]], settings: Sequence[str] = (), repo: str | Path = "."
+) -> None:
+    """Validate each variant as its experiment would read params.yaml: ``repo``'s params.yaml with
+    ``settings`` and the variant's own ``-S`` values applied by DVC's own code (``dvc exp run -S``'s), then
+    ``vitlab.params``'s schema. Settings of other params files are DVC's alone and are not checked.
+
+    Raises VitlabError naming the first variant refused and why, before any experiment has run.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides
+
+    from vitlab.params import parse_params, read_yaml
+
+    with tempfile.TemporaryDirectory(prefix="vitlab-variants-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        for name, variant in variants.items():
+            overrides = to_path_overrides([*settings, *variant]).get("params.yaml", [])
+            origin = f"experiment {name} (" + " ".join(f"-S {o}" for o in overrides) + ")"
+            shutil.copyfile(Path(repo) / "params.yaml", path)
+            try:
+                apply_overrides(path, overrides)
+            except DvcException as error:  # an unknown key, a malformed value: hydra's reason is the cause
+                raise VitlabError(f"{origin}: {one_line(error.__cause__ or error)}") from None
+            parse_params(read_yaml(path), origin=origin)
 
 
 @dataclass(frozen=True)
