@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +310,16 @@ def test_what_dvc_exp_run_sets_means_the_same_to_vitlab(tmp_path):
     }
     data, train = load_params(root / "params.yaml").data, load_params(root / "params.yaml").train
     assert (train.amp, data.source, data.md5) == ("off", "1:30", "0" * 32)
+
+
+def test_params_files_are_read_by_the_one_loader_only():
+    # PyYAML (YAML 1.1) anywhere in the code would read some values differently from DVC and read_yaml.
+    code = [REPO / "pipeline", REPO / "benchmarks", REPO / "tools", REPO / "src"]
+    files = {path.relative_to(REPO).as_posix(): path.read_text() for f in code for path in f.rglob("*.py")}
+
+    def importing(module: str) -> list[str]:
+        pattern = rf"^\s*(import {module}\b|from {module}\b)"
+        return sorted(name for name, text in files.items() if re.search(pattern, text, re.MULTILINE))
+
+    assert importing("yaml") == []
+    assert importing("ruamel") == ["src/vitlab/params.py"]
