@@ -388,14 +388,14 @@ def test_compare_run_with_seeds_runs_every_variant_once_per_seed(monkeypatch):
             names=names, baseline=baseline
         ),
     )
-    assert main(["compare", "--run", "--patch-sizes", "4", "--seeds", "0,2", "-S", "train.epochs=2"]) == 0
+    assert main(["compare", "--run", "--patch-sizes", "4", "--seeds", "0,2", "-S", "train.epochs=5"]) == 0
     assert all(c[:7] == [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n"] for c in commands)
     names = ["study-p4-s0", "study-p4-s2", "study-cnn-s0", "study-cnn-s2"]
     assert [c[7] for c in commands] == names
     assert commands[1][8:] == [
-        *["-S", "train.epochs=2", "-S", "model.name=vit", "-S", "model.patch_size=4", "-S", "train.seed=2"]
+        *["-S", "train.epochs=5", "-S", "model.name=vit", "-S", "model.patch_size=4", "-S", "train.seed=2"]
     ]
-    assert commands[2][8:] == ["-S", "train.epochs=2", "-S", "model.name=cnn", "-S", "train.seed=0"]
+    assert commands[2][8:] == ["-S", "train.epochs=5", "-S", "model.name=cnn", "-S", "train.seed=0"]
     assert not any("data.seed" in flag for c in commands for flag in c)  # one validation split for all seeds
     assert collected == {"names": names, "baseline": "study-cnn"}
 
