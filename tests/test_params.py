@@ -260,6 +260,8 @@ def test_params_files_are_read_as_dvc_reads_them(tmp_path):
         ),
         ("data:\n  seed: 0\nmodel:\n  dim: 8\ndata:\n  seed: 1\n", "data is given twice, on lines 1 and 5"),
         ("model:\n  channels: [{a: 1, a: 2}]\n", "model.channels[0].a is given twice, on lines 2 and 2"),
+        # Equal only as numbers: ruamel's words, with the second one's line.
+        ("0x1: 2\n1: 3\n", 'found duplicate key "1" with value "3" (original value: "2") on line 2'),
     ],
 )
 def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path, text, expected):

@@ -635,8 +635,9 @@ def read_yaml(path: str | Path) -> Any:
         return loader.load(text)
     except DuplicateKeyError as error:
         twice = _duplicate_key(loader.compose(text))
-        if twice is None:  # keys equal only once constructed (1 and 0x1): ruamel's own position
-            raise VitlabError(f"{path}: a key is given twice ({one_line(error)})") from None
+        if twice is None:  # keys equal only once constructed (1 and 0x1): ruamel's own words and line
+            line = error.problem_mark.line + 1 if error.problem_mark else "?"
+            raise VitlabError(f"{path}: {error.problem} on line {line}") from None
         key, first, second = twice
         raise VitlabError(f"{path}: {key} is given twice, on lines {first} and {second}") from None
     except YAMLError as error:
@@ -646,7 +647,7 @@ def read_yaml(path: str | Path) -> Any:
 def _duplicate_key(node: Any, prefix: str = "") -> tuple[str, int, int] | None:
     """The first key written twice in one mapping under ``node`` (a composed YAML node): its dotted path and
     both (1-based) line numbers; None if there is none."""
-    from ruamel.yaml.nodes import MappingNode, SequenceNode
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
     if isinstance(node, SequenceNode):
         children = [(f"{prefix}[{i}]", item) for i, item in enumerate(node.value)]
@@ -654,6 +655,8 @@ def _duplicate_key(node: Any, prefix: str = "") -> tuple[str, int, int] | None:
         lines: dict[str, int] = {}
         children = []
         for key, value in node.value:
+            if not isinstance(key, ScalarNode):  # a list or mapping as a key: never a params key
+                continue
             name = f"{prefix}.{key.value}" if prefix else str(key.value)
             if key.value in lines:
                 return name, lines[key.value], key.start_mark.line + 1
