@@ -448,6 +448,10 @@ def test_every_variant_is_validated_before_any_runs(setting, message, tmp_path, 
     assert main(["compare", "--run", "--prefix", "t", "--set", setting]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: {message}") and error.count("\n") == 1
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n  epochs: 4\n")
+    assert main(["compare", "--run", "--prefix", "t"]) == 2
+    expected = "error: params.yaml: train.epochs is given twice, on lines 2 and 3\n"
+    assert capsys.readouterr().err == expected
 
 
 # --- through DVC: a fake pipeline whose one stage writes what the real evaluate and train stages write ----

@@ -570,6 +570,7 @@ def check_variants(
 
     from vitlab.params import parse_params, read_yaml
 
+    read_yaml(Path(repo) / "params.yaml")  # a missing file or a key given twice: said as load_params says it
     with tempfile.TemporaryDirectory(prefix="vitlab-variants-") as tmp:
         path = Path(tmp) / "params.yaml"
         for name, variant in variants.items():
