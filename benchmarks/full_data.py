@@ -23,7 +23,7 @@ The runs:
 - ``vit-best``: the best ViT configuration vitlab has, chosen by ``--screen`` on a validation split (see
   ``SCREEN``);
 - ``cct-2-3x2``: the small-data preset ``time_to_accuracy.py --select`` chose on the CIFAR-10 subset's
-  validation split (README, "Small data"), with tinyvit's recipe.
+  validation split (docs/benchmarks.md, "Small data"), with tinyvit's recipe.
 
 Each run is appended to ``--out``.json (default benchmarks/results/full_data_DATASET) as soon as it ends,
 with its per-image predictions, so an interrupted benchmark loses at most the run in progress and a restart
@@ -83,7 +83,7 @@ PAIRED_TO = ("cnn-small", "resnet")  # the .md's paired differences: every run a
 BUDGETS = (600, 1800)
 # The ViT configurations --screen compares: each trained for SCREEN_BUDGET_S on 45,000 training images and
 # scored on the other 5,000 (the test images are not read), at the same budget as the runs, since a slower
-# model sees fewer images. Candidates: the options vitlab has for small data (README, "Models").
+# model sees fewer images. Candidates: the options vitlab has for small data (docs/models.md).
 SCREEN = {
     "tinyvit": {},
     "mean-pool": {"pool": "mean"},

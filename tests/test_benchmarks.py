@@ -116,7 +116,7 @@ def test_importing_vitlab_makes_openmp_threads_sleep_unless_the_user_chose(env, 
 
 
 def test_the_committed_time_to_accuracy_table_is_made_again_from_its_rows():
-    """Rows measured before --seeds (one seed, no per-image results) make the table the README quotes."""
+    """Rows measured before --seeds (one seed, no per-image results) make the table the docs quote."""
     results = BENCHMARKS / "results" / "time_to_accuracy"
     saved = json.loads(results.with_suffix(".json").read_text())
     assert tta.markdown(saved["rows"], saved["settings"]) == results.with_suffix(".md").read_text()

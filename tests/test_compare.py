@@ -189,9 +189,12 @@ def test_write_comparison_writes_the_tables_and_plots(study, tmp_path):
     assert_picture(out / "val_curves.png", (1200, 450))
 
 
-def test_runs_without_a_validation_split_get_no_validation_curves(study, tmp_path):
-    """Runs trained on every training image (the full-data benchmark) have no validation history."""
-    no_val = [replace(r, history=r.history[["epoch"]]) for r in study]
+@pytest.mark.parametrize("columns", ["absent", "empty"])
+def test_runs_without_a_validation_split_get_no_validation_curves(study, tmp_path, columns):
+    """Runs trained on every training image (the full-data benchmark) have no validation history: no val_
+    columns, or (the train stage's history.tsv, for dvc.yaml's plots) empty ones."""
+    empty = {"absent": {}, "empty": {"val_loss": np.nan, "val_accuracy": np.nan}}[columns]
+    no_val = [replace(r, history=r.history[["epoch"]].assign(**empty)) for r in study]
     compare.write_comparison(no_val, tmp_path, resamples=1000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_patch.png", "table.csv", "table.md"]
 
@@ -405,14 +408,14 @@ def test_compare_run_with_seeds_runs_every_variant_once_per_seed(monkeypatch):
             names=names, baseline=baseline
         ),
     )
-    assert main(["compare", "--run", "--patch-sizes", "4", "--seeds", "0,2", "-S", "train.epochs=2"]) == 0
+    assert main(["compare", "--run", "--patch-sizes", "4", "--seeds", "0,2", "-S", "train.epochs=5"]) == 0
     assert all(c[:7] == [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n"] for c in commands)
     names = ["study-p4-s0", "study-p4-s2", "study-cnn-s0", "study-cnn-s2"]
     assert [c[7] for c in commands] == names
     assert commands[1][8:] == [
-        *["-S", "train.epochs=2", "-S", "model.name=vit", "-S", "model.patch_size=4", "-S", "train.seed=2"]
+        *["-S", "train.epochs=5", "-S", "model.name=vit", "-S", "model.patch_size=4", "-S", "train.seed=2"]
     ]
-    assert commands[2][8:] == ["-S", "train.epochs=2", "-S", "model.name=cnn", "-S", "train.seed=0"]
+    assert commands[2][8:] == ["-S", "train.epochs=5", "-S", "model.name=cnn", "-S", "train.seed=0"]
     assert not any("data.seed" in flag for c in commands for flag in c)  # one validation split for all seeds
     assert collected == {"names": names, "baseline": "study-cnn"}
 
@@ -435,12 +438,49 @@ def test_bad_seeds_are_one_line_errors_before_any_run(argv, message, monkeypatch
     assert error.startswith(f"error: {message}") and error.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # MNIST's 28 pixels take patch sizes 2 and 4 but not 8: the third run would have failed.
+        (
+            "data.dataset=mnist",
+            "experiment t-p8 (-S data.dataset=mnist -S model.name=vit -S model.patch_size=8): "
+            "model.patch_size=8 does not divide the image size 28",
+        ),
+        (
+            "model.patch_szie=4",
+            "experiment t-p2 (-S model.patch_szie=4 -S model.name=vit -S model.patch_size=2): "
+            "Could not override 'model.patch_szie'",
+        ),
+        (
+            "params.yaml:train.amp=yes",
+            "experiment t-p2 (-S train.amp=yes -S model.name=vit -S model.patch_size=2): "
+            "train.amp: got 'yes'; input should be 'auto', 'bf16' or 'off'",
+        ),
+    ],
+)
+def test_every_variant_is_validated_before_any_runs(setting, message, tmp_path, monkeypatch, capsys):
+    from vitlab.cli import main
+
+    (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare.subprocess, "run", lambda *_, **__: pytest.fail("a run started"))
+    assert main(["compare", "--run", "--prefix", "t", "--set", setting]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.count("\n") == 1
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n  epochs: 4\n")
+    assert main(["compare", "--run", "--prefix", "t"]) == 2
+    expected = "error: params.yaml: train.epochs is given twice, on lines 2 and 3\n"
+    assert capsys.readouterr().err == expected
+
+
 # --- through DVC: a fake pipeline whose one stage writes what the real evaluate and train stages write ----
 
 FAKE_STAGE = """
-import json, pathlib, yaml
+import json, pathlib
 from PIL import Image
-model = yaml.safe_load(open("params.yaml"))["model"]
+from ruamel.yaml import YAML
+model = YAML(typ="safe").load(open("params.yaml"))["model"]  # as DVC (and vitlab.params) read it
 n, patch = 60, model["patch_size"] if model["name"] == "vit" else 0
 hits = {"vit": 30 + patch, "cnn": 35}[model["name"]]
 rows = [f"{i},c{i % 3},{'c%d' % (i % 3) if i < hits else 'x'},0.5,{int(i < hits)},{0.5 if i < hits else 2.0}"

@@ -252,3 +252,73 @@ def test_a_download_killed_mid_file_leaves_only_its_part_and_the_next_run_resume
     assert dest.read_bytes() == PAYLOAD
     assert not part.exists()
     assert _ranges(server) == [None, f"bytes={len(kept)}-"]
+
+
+# --- data.source relative to the project, also from an experiment's temporary copy -------------------------
+
+
+def test_a_relative_source_is_the_projects_also_from_an_experiments_temporary_copy(tmp_path, monkeypatch):
+    from vitlab.data.download import local_source
+    from vitlab.files import project_root
+
+    root = tmp_path / "project"
+    copy = root / ".dvc" / "tmp" / "exps" / "standalone" / "tmpk2x9"  # dvc exp run --temp's copy
+    copy.mkdir(parents=True)
+    (root / "mirror.tar.gz").write_bytes(b"untracked: not in the copy")
+    assert project_root(copy) == project_root(copy / "src") == root
+    assert project_root(root) == root
+    monkeypatch.chdir(copy)
+    assert local_source("mirror.tar.gz") == str(root / "mirror.tar.gz")
+    (copy / "mirror.tar.gz").write_bytes(b"the experiment's own")
+    assert local_source("mirror.tar.gz") == "mirror.tar.gz"  # the copy's first
+    for given in ("https://example.org/mirror.tar.gz", str(tmp_path / "elsewhere.tar.gz")):
+        assert local_source(given) == given
+    with pytest.raises(VitlabError) as error:
+        local_source("data/missing.tar.gz")
+    assert str(error.value) == (
+        f"data.source: data/missing.tar.gz: no such file or folder (looked in {copy} and {root})"
+    )
+    monkeypatch.chdir(root)
+    with pytest.raises(VitlabError, match=rf"no such file or folder \(looked in {re.escape(str(root))}\)$"):
+        local_source("data/missing.tar.gz")
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_temp_reads_a_repository_relative_source(tmp_path):
+    """The download stage in `dvc exp run --temp`'s copy finds the untracked archive in the project (the copy
+    holds only git's files) and records the source as given."""
+    import json
+    import os
+    from pathlib import Path
+
+    from cifar_fakes import make_cifar_archive
+
+    import vitlab
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    md5 = make_cifar_archive(root / "mirror.tar.gz")
+    (root / ".gitignore").write_text("/mirror.tar.gz\n")
+    params = f"data:\n  dataset: cifar10\n  source: mirror.tar.gz\n  md5: '{md5}'\n"
+    (root / "params.yaml").write_text(params)
+    stage = f"{sys.executable} -m vitlab.cli stage download"
+    dvc_yaml = f"stages:\n  download:\n    cmd: {stage}\n    params: [data]\n    outs: [data/prepared]\n"
+    (root / "dvc.yaml").write_text(dvc_yaml)
+    env = os.environ | {
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(Path(vitlab.__file__).parents[1]),  # this vitlab, installed or not
+    }
+    for args in (["init", "-q"], ["config", "user.email", "t@vitlab.invalid"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q"], cwd=root, env=env, check=True)
+    subprocess.run(["git", "add", "."], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "download a mirror"], cwd=root, check=True)
+    done = subprocess.run(
+        [*dvc, "exp", "run", "--temp", "-n", "mirror"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    import dvc.api
+
+    meta = json.loads(dvc.api.read("data/prepared/meta.json", repo=str(root), rev="mirror"))
+    assert (meta["source"], meta["md5"], meta["official"]) == ("mirror.tar.gz", md5, False)

@@ -1,9 +1,14 @@
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vitlab.errors import VitlabError
-from vitlab.params import Params, load_params, parse_params
+from vitlab.params import Params, load_params, parse_params, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +70,19 @@ def test_committed_params_file_is_valid_and_complete():
         ({"train": {"learning_rate": -1e-3}}, "train.learning_rate: got -0.001; allowed: > 0.0"),
         ({"train": {"epochs": 0}}, "train.epochs: got 0; allowed: > 0"),
         ({"train": {"batch_size": -8}}, "train.batch_size: got -8; allowed: > 0"),
-        ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
+        ({"train": {"epochs": "ten"}}, "train.epochs: got 'ten'; input should be a valid integer"),
+        (
+            {"train": {"time_budget_s": "1:30"}},
+            "train.time_budget_s: got '1:30'; input should be a valid number",
+        ),
+        (
+            {"data": {"source": 12345}},
+            "data.source: got 12345; input should be a valid string (quote it: unquoted digits are a number",
+        ),
+        (
+            {"data": {"md5": "0" * 32}},
+            "data.md5 is set but data.source is null: data.md5 checks the archive at data.source",
+        ),
         ({"train": {"epochs": 2, "warmup_epochs": 3}}, "train.warmup_epochs=3.0 must be smaller than"),
         (
             {"data": {"dataset": "mnist"}, "model": {"patch_size": 8}},
@@ -188,3 +205,123 @@ def test_null_augmentation_and_validation_keys_take_the_datasets_defaults():
 def test_a_source_without_md5_is_valid_params_the_download_decides():
     # Only the files inside tell whether the copy is official (vitlab.data.archive.prepare_dataset).
     assert parse_params({"data": {"source": "mirror.tar.gz"}}).data.md5 is None
+
+
+def test_expected_counts_apply_without_a_source():
+    # The validate stage checks them against the official data too (only data.md5 needs data.source).
+    assert parse_params({"data": {"expected_test": 123}}).data.expected_test == 123
+
+
+# --- params.yaml is read as DVC reads it: YAML 1.2 ---------------------------------------------------------
+
+# YAML 1.1 (PyYAML) reads each of these differently from DVC: booleans, sexagesimal, octal.
+YAML_TRAPS = """\
+off: off
+no: no
+on: on
+yes: yes
+time: 1:30
+octal: 010
+digits: 012345
+quoted: '012345'
+exponent: 1e3
+"""
+
+
+def test_params_files_are_read_as_dvc_reads_them(tmp_path):
+    from dvc.utils.serialize import parse_yaml
+
+    path = tmp_path / "traps.yaml"
+    path.write_text(YAML_TRAPS)
+    read = read_yaml(path)
+    assert read == parse_yaml(YAML_TRAPS, str(path))
+    assert read == {
+        "off": "off",
+        "no": "no",
+        "on": "on",
+        "yes": "yes",
+        "time": "1:30",
+        "octal": 10,
+        "digits": 12345,
+        "quoted": "012345",
+        "exponent": 1000.0,
+    }
+    path.write_text("train:\n  amp: off\n  epochs: 010\n")
+    train = load_params(path).train
+    assert (train.amp, train.epochs) == ("off", 10)  # the choice params.yaml lists; ten epochs, not eight
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "train:\n  learning_rate: 0.002\n  epochs: 3\n  learning_rate: 0.01\n",
+            "train.learning_rate is given twice, on lines 2 and 4",
+        ),
+        ("data:\n  seed: 0\nmodel:\n  dim: 8\ndata:\n  seed: 1\n", "data is given twice, on lines 1 and 5"),
+        ("model:\n  channels: [{a: 1, a: 2}]\n", "model.channels[0].a is given twice, on lines 2 and 2"),
+        # Equal only as numbers: ruamel's words, with the second one's line.
+        ("0x1: 2\n1: 3\n", 'found duplicate key "1" with value "3" (original value: "2") on line 2'),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(VitlabError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: {expected}"
+
+
+def test_the_commands_that_read_params_refuse_a_duplicate_key(tmp_path, monkeypatch, capsys):
+    from vitlab.cli import main
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n  epochs: 4\n")
+    monkeypatch.chdir(tmp_path)
+    for argv in (["params"], ["stage", "train"], ["stage", "download"]):
+        assert main(argv) == 2
+        assert (
+            capsys.readouterr().err == "error: params.yaml: train.epochs is given twice, on lines 2 and 3\n"
+        )
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+def test_what_dvc_exp_run_sets_means_the_same_to_vitlab(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    # A trivial stage: only DVC's reading and writing of params.yaml is under test, not the pipeline.
+    (root / "dvc.yaml").write_text("stages:\n  noop:\n    cmd: python -c pass\n    params: [data, train]\n")
+    for args in (["init", "-q"], ["config", "user.email", "t@vitlab.invalid"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    _dvc(root, "init", "-q")
+    subprocess.run(["git", "add", "."], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "params"], cwd=root, check=True)
+    settings = ["train.amp=off", "data.source=1:30", "data.md5=" + "0" * 32, "data.expected_test=010"]
+    _dvc(root, "exp", "run", *(arg for s in settings for arg in ("-S", s)))  # applied to the workspace
+    shown = json.loads(_dvc(root, "params", "diff", "--json").stdout)["params.yaml"]
+    read = read_yaml(root / "params.yaml")
+    assert {key: read[key.split(".")[0]][key.split(".")[1]] for key in shown} == {
+        key: change["new"] for key, change in shown.items()
+    }
+    data, train = load_params(root / "params.yaml").data, load_params(root / "params.yaml").train
+    assert (train.amp, data.source, data.md5) == ("off", "1:30", "0" * 32)
+
+
+def test_params_files_are_read_by_the_one_loader_only():
+    # PyYAML (YAML 1.1) anywhere in the code would read some values differently from DVC and read_yaml.
+    code = [REPO / "pipeline", REPO / "benchmarks", REPO / "tools", REPO / "src"]
+    files = {path.relative_to(REPO).as_posix(): path.read_text() for f in code for path in f.rglob("*.py")}
+
+    def importing(module: str) -> list[str]:
+        pattern = rf"^\s*(import {module}\b|from {module}\b)"
+        return sorted(name for name, text in files.items() if re.search(pattern, text, re.MULTILINE))
+
+    assert importing("yaml") == []
+    assert importing("ruamel") == ["src/vitlab/params.py"]

@@ -527,7 +527,7 @@ def test_stage_runs_of_an_experiment_share_its_name_as_their_group(monkeypatch):
 
 def test_a_temporary_experiments_runs_go_to_the_projects_wandb_folder(monkeypatch, wandb_env):
     """`dvc exp run --temp` and `dvc queue` run stages in .dvc/tmp/exps/... copies that DVC deletes: the
-    offline runs were written there and lost. DVC_ROOT names the repository: its wandb/, settings included."""
+    offline runs were written there and lost: the repository's wandb/ holds them, settings included."""
     import wandb
 
     root = Path.cwd()
@@ -535,7 +535,6 @@ def test_a_temporary_experiments_runs_go_to_the_projects_wandb_folder(monkeypatc
     copy = root / ".dvc" / "tmp" / "exps" / "tmpabc123"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
-    monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.setenv("WANDB_API_KEY", KEY)  # logged in: only the project's settings say offline
     calls = []
     monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or "run")

@@ -115,7 +115,10 @@ def _dark(ds: PreparedDataset) -> PreparedDataset:
         ),
         (
             lambda ds: replace(ds, info=ds.info | {"expected_train": 2000}),
-            {"train: expect_table_row_count_to_equal() observed 200, expected value=2000"},
+            {
+                "train: expect_table_row_count_to_equal() observed 200, expected value=2000 "
+                "(data.expected_train)"
+            },
         ),
         (
             _dark,

@@ -22,8 +22,10 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,13 +458,19 @@ def _non_vits(rows: Sequence[ComparisonRow]) -> list[ComparisonRow]:
     return [r for r in rows if r.patch_size is None]
 
 
+def validated(history: pd.DataFrame) -> bool:
+    """Whether a run's history (history.tsv) holds validation measurements: a run without a validation split
+    has none, or empty val_ columns (kept for dvc.yaml's plots)."""
+    return "val_accuracy" in history.columns and bool(history["val_accuracy"].notna().any())
+
+
 def plot_val_curves(records: Sequence[RunRecord], path: str | Path) -> Path:
     """Validation loss and accuracy per epoch of every run, on one figure."""
     fig = Figure(figsize=(12.0, 4.5), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     for record in sorted(records, key=_study_order):
         history = record.history
-        if "val_accuracy" not in history.columns:
+        if not validated(history):
             continue  # a run without a validation split has no curve to show
         label = _label(record.name, record.model)
         axes[0].plot(history["epoch"], history["val_loss"], label=label)
@@ -490,7 +498,7 @@ def write_comparison(
     files.write_text(out_dir / "table.csv", table_csv(rows, baseline))
     files.write_text(out_dir / "table.md", table_markdown(rows, baseline, resamples, seed))
     plot_accuracy_vs_patch(rows, out_dir / "accuracy_vs_patch.png")
-    if any("val_accuracy" in record.history.columns for record in records):
+    if any(validated(record.history) for record in records):
         plot_val_curves(records, out_dir / "val_curves.png")
     else:
         (out_dir / "val_curves.png").unlink(missing_ok=True)
@@ -531,8 +539,10 @@ def run_study(
     """Run each variant as ``dvc exp run --temp -n NAME -S ...`` (plus ``settings`` for all), one by one.
 
     ``--temp`` runs each experiment in a temporary copy of the repository, so params.yaml and the workspace
-    outputs stay as they were. Returns the experiment names.
+    outputs stay as they were. Every variant's params are validated (``check_variants``) before the first
+    runs. Returns the experiment names.
     """
+    check_variants(variants, settings, repo)
     env = dict(os.environ)
     # The stages run `python`: this interpreter's, with its packages, even from a non-activated shell.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -546,6 +556,35 @@ def run_study(
         if done.returncode:
             raise VitlabError(f"dvc exp run -n {name} failed (exit {done.returncode}); its output is above")
     return list(variants)
+
+
+def check_variants(
+    variants: dict[str, list[str]], settings: Sequence[str] = (), repo: str | Path = "."
+) -> None:
+    """Validate each variant as its experiment would read params.yaml: ``repo``'s params.yaml with
+    ``settings`` and the variant's own ``-S`` values applied by DVC's own code (``dvc exp run -S``'s), then
+    ``vitlab.params``'s schema. Settings of other params files are DVC's alone and are not checked.
+
+    Raises VitlabError naming the first variant refused and why, before any experiment has run.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides
+
+    from vitlab.params import parse_params, read_yaml
+
+    read_yaml(Path(repo) / "params.yaml")  # a missing file or a key given twice: said as load_params says it
+    with tempfile.TemporaryDirectory(prefix="vitlab-variants-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        for name, variant in variants.items():
+            overrides = to_path_overrides([*settings, *variant]).get("params.yaml", [])
+            origin = f"experiment {name} (" + " ".join(f"-S {o}" for o in overrides) + ")"
+            shutil.copyfile(Path(repo) / "params.yaml", path)
+            try:
+                apply_overrides(path, overrides)
+            except DvcException as error:  # an unknown key, a malformed value: hydra's reason is the cause
+                raise VitlabError(f"{origin}: {one_line(error.__cause__ or error)}") from None
+            parse_params(read_yaml(path), origin=origin)
 
 
 @dataclass(frozen=True)

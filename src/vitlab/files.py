@@ -1,4 +1,5 @@
-"""Atomic file writes: an output is either the previous good file or the complete new one, never half."""
+"""Atomic file writes: an output is either the previous good file or the complete new one, never half; and
+where the project's own files are (``project_root``), also from inside a DVC experiment's temporary copy."""
 
 from __future__ import annotations
 
@@ -112,3 +113,18 @@ def _format_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def project_root(cwd: str | os.PathLike[str] | None = None) -> Path:
+    """The project whose files ``cwd`` (default: the working directory) holds, as an absolute path.
+
+    That is ``cwd`` itself, except in a DVC experiment run in a temporary copy of the repository
+    (``ROOT/.dvc/tmp/exps/...``: ``dvc exp run --temp``, ``dvc queue``, ``vitlab compare --run``): there it
+    is ROOT, the repository the copy was made from, which holds the user's untracked files and outlives the
+    copy (DVC deletes it when the experiment ends).
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd).absolute()
+    for folder in (cwd, *cwd.parents):
+        if (folder.name, folder.parent.name, folder.parent.parent.name) == ("exps", "tmp", ".dvc"):
+            return folder.parents[2]
+    return cwd

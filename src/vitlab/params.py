@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -239,6 +238,19 @@ class DataParams(Section):
     expected_test: int | None = Field(None, gt=0, description="test images the archive must hold")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _md5_needs_a_source(self) -> DataParams:
+        # The official download and the embedded sample are checked against their own md5s: an md5 given
+        # without a source would be ignored while the log says the archive was verified. (expected_train and
+        # expected_test apply to any source: the validate stage checks the counts.)
+        if self.md5 is not None and self.source is None:
+            raise ValueError(
+                "data.md5 is set but data.source is null: data.md5 checks the archive at data.source (the "
+                "official download and the embedded sample have their own md5s); set data.source or "
+                "remove data.md5"
+            )
+        return self
 
 
 def dataset_defaults(spec: DatasetSpec) -> dict[str, dict[str, Any]]:
@@ -575,8 +587,13 @@ def _describe(error: dict[str, Any]) -> str:
         bounds = allowed_range(*error["loc"])
         allowed = f"a finite number {bounds}".strip() if error["type"] == "finite_number" else bounds
         message = f"got {error['input']!r}; allowed: {allowed}"
-    elif error["type"] == "literal_error":
+    elif error["type"] == "literal_error" or (
+        error["type"].endswith(("_parsing", "_type")) and isinstance(error["input"], str | int | float)
+    ):
+        # The value as read (YAML's reading of it), which may not be the value as written: `md5: 0123` is 123.
         message = f"got {error['input']!r}; {message[0].lower()}{message[1:]}"
+        if error["type"] == "string_type" and not isinstance(error["input"], str | bool):
+            message += " (quote it: unquoted digits are a number to YAML)"
     if key and message.startswith(f"{key}."):  # cross-field checks already name their keys
         return message
     return f"{key}: {message}" if key else message
@@ -595,13 +612,62 @@ def parse_params(raw: Any, origin: str = "params") -> Params:
         raise VitlabError(f"{origin}: {problems}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; VitlabError for a missing file, bad YAML or an invalid value."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at ``path`` read as DVC reads params files (YAML 1.2: ruamel.yaml's safe loader, the
+    call of ``dvc.utils.serialize.parse_yaml``), so that every value means the same to vitlab as to ``dvc exp
+    run -S`` and ``dvc params diff``. PyYAML's YAML 1.1 would differ: there ``off``/``no``/``yes`` are
+    booleans, ``1:30`` is 90 (sexagesimal) and ``010`` is 8 (octal); here they are the strings ``off``,
+    ``no``, ``yes``, ``1:30`` and the number 10, as DVC writes and shows them.
+
+    Raises VitlabError, one line, for a missing file, bad YAML, or a key given twice in a mapping (which DVC
+    refuses too), naming the key's dotted path and both line numbers.
+    """
+    from ruamel.yaml import YAML, YAMLError
+    from ruamel.yaml.constructor import DuplicateKeyError
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise VitlabError(f"{path}: no such params file") from None
-    except yaml.YAMLError as error:
+    loader = YAML(typ="safe")
+    try:
+        return loader.load(text)
+    except DuplicateKeyError as error:
+        twice = _duplicate_key(loader.compose(text))
+        if twice is None:  # keys equal only once constructed (1 and 0x1): ruamel's own words and line
+            line = error.problem_mark.line + 1 if error.problem_mark else "?"
+            raise VitlabError(f"{path}: {error.problem} on line {line}") from None
+        key, first, second = twice
+        raise VitlabError(f"{path}: {key} is given twice, on lines {first} and {second}") from None
+    except YAMLError as error:
         raise VitlabError(f"{path}: not valid YAML ({one_line(error)})") from None
-    return parse_params(raw, origin=str(path))
+
+
+def _duplicate_key(node: Any, prefix: str = "") -> tuple[str, int, int] | None:
+    """The first key written twice in one mapping under ``node`` (a composed YAML node): its dotted path and
+    both (1-based) line numbers; None if there is none."""
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    if isinstance(node, SequenceNode):
+        children = [(f"{prefix}[{i}]", item) for i, item in enumerate(node.value)]
+    elif isinstance(node, MappingNode):
+        lines: dict[str, int] = {}
+        children = []
+        for key, value in node.value:
+            if not isinstance(key, ScalarNode):  # a list or mapping as a key: never a params key
+                continue
+            name = f"{prefix}.{key.value}" if prefix else str(key.value)
+            if key.value in lines:
+                return name, lines[key.value], key.start_mark.line + 1
+            lines[key.value] = key.start_mark.line + 1
+            children.append((name, value))
+    else:
+        return None
+    return next((found for name, child in children if (found := _duplicate_key(child, name))), None)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read (``read_yaml``) and validate a params file; VitlabError for a missing file, bad YAML, a key given
+    twice or an invalid value."""
+    return parse_params(read_yaml(path), origin=str(Path(path)))

@@ -12,11 +12,10 @@ Mode, decided the way W&B documents it; the first source that says something win
    writes), else ``offline``: runs are written under the project's ``wandb/`` and can be uploaded later with
    ``wandb sync``.
 
-The project's folder is ``WANDB_DIR`` when set, else the repository DVC runs the stage for (``DVC_ROOT``),
-else the working folder. ``dvc exp run --temp``, ``vitlab compare --run`` and ``dvc queue`` run a stage in a
-copy of the repository under ``.dvc/tmp/exps/`` that DVC deletes when the experiment ends; DVC_ROOT names the
-repository itself there, so an offline run survives its experiment (and the one line the run prints says
-where it is).
+The project's folder is ``WANDB_DIR`` when set, else the repository (``vitlab.files.project_root``).
+``dvc exp run --temp``, ``vitlab compare --run`` and ``dvc queue`` run a stage in a copy of the repository
+under ``.dvc/tmp/exps/`` that DVC deletes when the experiment ends; the runs go to the repository's own
+``wandb/``, so an offline run survives its experiment (and the one line the run prints says where it is).
 
 A value W&B would not accept stops the stage with a VitlabError naming where it came from. Online, the server
 must answer a TCP connection within a few seconds or the run is logged offline with one warning; any other W&B
@@ -41,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vitlab.errors import VitlabError, one_line
+from vitlab.files import project_root
 
 MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
 """The values W&B accepts for its mode (wandb 0.31's ``Settings.mode``); vitlab reads them in any case."""
@@ -122,9 +122,9 @@ def _settings_files() -> list[tuple[Path, dict[str, str]]]:
 
 def project_dir() -> Path:
     """The folder whose ``wandb/`` holds the runs and the workspace settings: ``WANDB_DIR`` when set, else
-    ``DVC_ROOT`` (the repository, also when DVC runs the stage in a temporary copy that it deletes after
-    the experiment), else the working folder."""
-    return Path(os.environ.get("WANDB_DIR") or os.environ.get("DVC_ROOT") or ".").absolute()
+    ``vitlab.files.project_root()``: the repository, also when DVC runs the stage in a temporary copy that
+    it deletes after the experiment."""
+    return Path(os.environ["WANDB_DIR"]).absolute() if os.environ.get("WANDB_DIR") else project_root()
 
 
 def _server_url(files: list[tuple[Path, dict[str, str]]] | None = None) -> str:

@@ -196,8 +196,11 @@ def _describe(split: str, record: dict[str, Any]) -> str:
     """``test: expect_column_sum_to_be_between(duplicate_of_train) observed 1, expected max_value=0``."""
     expected = ", ".join(f"{k}={_short(v)}" for k, v in record["kwargs"].items())
     observed = _short(record["observed"])
+    # The one expectation a data key sets outright: name it, as the user changes that key, not GX's suite.
+    key = f" (data.expected_{split})" if record["expectation"] == "expect_table_row_count_to_equal" else ""
     return (
-        f"{split}: {record['expectation']}({record['column'] or ''}) observed {observed}, expected {expected}"
+        f"{split}: {record['expectation']}({record['column'] or ''}) observed {observed}, "
+        f"expected {expected}{key}"
     )
 
 

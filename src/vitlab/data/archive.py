@@ -30,6 +30,7 @@ from vitlab.data.idx import read_mnist
 from vitlab.data.prepared import PreparedDataset, Split, save_prepared
 from vitlab.data.sources import SAMPLE_DIR, DatasetSpec
 from vitlab.errors import VitlabError
+from vitlab.files import project_root
 
 
 class _Refused(Exception):
@@ -403,9 +404,10 @@ def _check_official_counts(dataset: PreparedDataset, spec: DatasetSpec, url: str
 
 
 def _portable(source: str) -> str:
-    """``source``, with the embedded sample's absolute path made relative to the repository."""
+    """``source``, with a path inside the repository (the embedded sample's) or the project (found by
+    ``local_source`` from an experiment's temporary copy) made relative to it."""
     # The prepared meta.json is a pipeline output: a machine-specific path in it would differ on every clone.
-    try:
-        return Path(source).relative_to(SAMPLE_DIR.parents[1]).as_posix()
-    except ValueError:
-        return source
+    for root in (SAMPLE_DIR.parents[1], project_root()):
+        with contextlib.suppress(ValueError):
+            return Path(source).relative_to(root).as_posix()
+    return source

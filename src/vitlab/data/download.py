@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from vitlab.errors import VitlabError
+from vitlab.files import project_root
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30  # per blocking socket operation (connect, each read), not for the whole download
@@ -32,6 +33,24 @@ def md5sum(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         # usedforsecurity=False: md5 is a checksum here, and FIPS-mode Pythons refuse it otherwise.
         return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+def local_source(source: str) -> str:
+    """``source`` (data.source) as the download reads it. A relative path is the project's: relative to the
+    working directory, or where that has no such file, to ``project_root``, which is where a DVC experiment
+    run in a temporary copy of the repository finds the user's untracked archive or folder. A URL or an
+    absolute path is returned as given.
+
+    Raises VitlabError naming every folder looked in when none has the file.
+    """
+    if urlparse(source).scheme or Path(source).is_absolute() or Path(source).exists():
+        return source
+    places = list(dict.fromkeys([Path.cwd(), project_root()]))
+    found = [place / source for place in places if (place / source).exists()]
+    if not found:
+        looked = " and ".join(str(place) for place in places)
+        raise VitlabError(f"data.source: {source}: no such file or folder (looked in {looked})")
+    return str(found[0])
 
 
 def source_name(source: str) -> str:

@@ -4,6 +4,7 @@ md5, write data/prepared."""
 from __future__ import annotations
 
 from vitlab.data.archive import prepare_dataset
+from vitlab.data.download import local_source
 from vitlab.data.sources import DATASETS
 from vitlab.params import Params
 from vitlab.stages import Layout
@@ -14,7 +15,7 @@ def run(params: Params, layout: Layout) -> None:
     p = params.data
     dataset = prepare_dataset(
         DATASETS[p.dataset],
-        p.source,
+        p.source and local_source(p.source),
         p.md5,
         layout.raw_dir,
         layout.prepared_dir,

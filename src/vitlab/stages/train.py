@@ -17,6 +17,8 @@ from vitlab.stages import Layout
 from vitlab.tracking import Tracker
 from vitlab.train import train, training_data
 
+VAL_COLUMNS = ("val_loss", "val_accuracy")  # history.tsv's columns measured on the validation split
+
 
 def run(params: Params, layout: Layout) -> None:
     """Train, then save the best-on-validation weights, the history, curves and metrics (rank 0 only under
@@ -53,7 +55,10 @@ def _run(params: Params, layout: Layout) -> None:
             model, train_split, val_split, norm, params.train, on_epoch, layout.train_state, teacher
         )
         save_checkpoint(layout.checkpoint, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
-        files.write_tsv(layout.train_history, result.history)
+        # dvc.yaml's Accuracy and Loss plots read the val_ columns, and `dvc plots show` drops a plot whose
+        # column is missing: without a validation split (data.val_fraction: 0) they are there, empty.
+        rows = [row | {column: row.get(column, "") for column in VAL_COLUMNS} for row in result.history]
+        files.write_tsv(layout.train_history, rows)
         plot_training_curves(result.history, layout.train_curves)
         animate_training(result.history, layout.train_gif)
         metrics = result.metrics(n_params, len(train_split))
