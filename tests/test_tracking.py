@@ -568,21 +568,11 @@ def test_an_offline_run_of_a_temporary_dvc_experiment_survives_it(wandb_env, tmp
     env = dict(os.environ, WANDB_MODE="offline", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     for command in (
         ["git", "init", "-q"],
-        [
-            "git",
-            "-c",
-            "user.email=t@vitlab.invalid",
-            "-c",
-            "user.name=t",
-            "commit",
-            "-q",
-            "--allow-empty",
-            "-m",
-            "0",
-        ],
+        ["git", "config", "user.email", "tests@vitlab.invalid"],  # dvc exp run commits the experiment
+        ["git", "config", "user.name", "vitlab tests"],
         [sys.executable, "-m", "dvc", "init", "-q"],
         ["git", "add", "."],
-        ["git", "-c", "user.email=t@vitlab.invalid", "-c", "user.name=t", "commit", "-q", "-m", "1"],
+        ["git", "commit", "-q", "-m", "a pipeline with one tracked stage"],
     ):
         subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
     done = subprocess.run(
