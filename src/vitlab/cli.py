@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from vitlab import __version__
+from vitlab.cpu import prepare_process
 from vitlab.errors import VitlabError, exit_code
 
 app = typer.Typer(
@@ -174,9 +175,15 @@ def _integers(text: str, option: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app; a VitlabError or OSError is one line on stderr and exit code 2."""
+    """Entry point: sets up the CPU libraries before a command loads torch (vitlab.cpu.prepare_process), then
+    runs the app; a VitlabError or OSError is one line on stderr and exit code 2."""
+
+    def run() -> None:
+        prepare_process()
+        app(args=argv, prog_name="vitlab")  # click reports usage errors itself
+
     try:
-        return exit_code(lambda: app(args=argv, prog_name="vitlab"))  # click reports usage errors itself
+        return exit_code(run)
     except SystemExit as done:  # click ends every standalone run this way, success included
         return done.code if isinstance(done.code, int) else int(done.code is not None)
 
