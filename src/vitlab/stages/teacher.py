@@ -1,5 +1,6 @@
 """Stage ``teacher``: the CNN a ViT with ``model.distillation`` learns from (DeiT), the ``teacher`` section's
-preset trained by the ``train`` section's recipe on the train stage's images."""
+preset trained by the ``train`` section's recipe on the train stage's images; with model.distillation off, a
+note that no teacher was trained, in seconds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from vitlab import files
 from vitlab.checkpoint import save_checkpoint
 from vitlab.data.prepared import load_prepared
+from vitlab.distill import NO_TEACHER
 from vitlab.distributed import is_main_process
 from vitlab.models import build_model, count_parameters, preset_config
 from vitlab.params import Params
@@ -18,7 +20,17 @@ from vitlab.train import train, training_data
 def run(params: Params, layout: Layout) -> None:
     """Train the teacher, then save its best-on-validation weights to ``layout.teacher`` and its metrics
     (rank 0 only under torchrun). The resume state ``layout.teacher_state`` is deleted once both are
-    written."""
+    written. With ``model.distillation`` off nothing learns from a teacher: ``layout.teacher`` holds
+    ``NO_TEACHER`` and the metrics ``{"trained": false}``."""
+    if not params.model.distillation:
+        if is_main_process():
+            files.write_bytes(layout.teacher, NO_TEACHER)
+            files.write_json(layout.teacher_metrics, {"trained": False})
+            layout.teacher_state.unlink(
+                missing_ok=True
+            )  # a teacher's run, stopped before distillation went off
+        print(f"teacher: none trained, model.distillation is off -> {layout.teacher}")
+        return
     dataset = load_prepared(layout.prepared_dir)
     train_split, val_split, norm = training_data(dataset, params.data)
     recipe = params.teacher.recipe(params.train)
@@ -34,6 +46,6 @@ def run(params: Params, layout: Layout) -> None:
     if not is_main_process():  # another torchrun process: rank 0 writes everything
         return
     save_checkpoint(layout.teacher, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
-    files.write_json(layout.teacher_metrics, result.metrics(n_params, len(train_split)))
+    files.write_json(layout.teacher_metrics, {"trained": True} | result.metrics(n_params, len(train_split)))
     layout.teacher_state.unlink(missing_ok=True)  # every output saved: nothing left to resume
     print(f"teacher: {result} -> {layout.teacher}")

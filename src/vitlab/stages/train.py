@@ -7,6 +7,7 @@ import torch
 from vitlab import files
 from vitlab.checkpoint import save_checkpoint
 from vitlab.data.prepared import load_prepared
+from vitlab.device import cpu_record
 from vitlab.distill import load_teacher
 from vitlab.distributed import is_main_process
 from vitlab.figures import animate_training, plot_training_curves
@@ -50,7 +51,7 @@ def run(params: Params, layout: Layout) -> None:
         files.write_tsv(layout.train_history, result.history)
         plot_training_curves(result.history, layout.train_curves)
         animate_training(result.history, layout.train_gif)
-        metrics = result.metrics(n_params, len(train_split))
+        metrics = result.metrics(n_params, len(train_split)) | {"cpu": cpu_record()}  # what decides its bits
         files.write_json(layout.train_metrics, metrics)
         layout.train_state.unlink(missing_ok=True)  # every output saved: nothing left to resume
         tracker.summary(metrics)
