@@ -13,7 +13,7 @@ from vitlab.distill import NO_TEACHER
 from vitlab.distributed import is_main_process
 from vitlab.models import build_model, count_parameters, preset_config
 from vitlab.params import Params
-from vitlab.stages import Layout
+from vitlab.stages import Layout, write_metrics
 from vitlab.train import train, training_data
 
 
@@ -25,7 +25,7 @@ def run(params: Params, layout: Layout) -> None:
     if not params.model.distillation:
         if is_main_process():
             files.write_bytes(layout.teacher, NO_TEACHER)
-            files.write_json(layout.teacher_metrics, {"trained": False})
+            write_metrics(layout.teacher_metrics, layout.teacher_run, {"trained": False})
             layout.teacher_state.unlink(
                 missing_ok=True
             )  # a teacher's run, stopped before distillation went off
@@ -46,6 +46,7 @@ def run(params: Params, layout: Layout) -> None:
     if not is_main_process():  # another torchrun process: rank 0 writes everything
         return
     save_checkpoint(layout.teacher, model, dataset.class_names, norm, dataset.info.get("dataset", ""))
-    files.write_json(layout.teacher_metrics, {"trained": True} | result.metrics(n_params, len(train_split)))
+    metrics = {"trained": True} | result.metrics(n_params, len(train_split))
+    write_metrics(layout.teacher_metrics, layout.teacher_run, metrics)
     layout.teacher_state.unlink(missing_ok=True)  # every output saved: nothing left to resume
     print(f"teacher: {result} -> {layout.teacher}")

@@ -13,7 +13,7 @@ from vitlab.distributed import is_main_process
 from vitlab.figures import animate_training, plot_training_curves
 from vitlab.models import build_model, count_parameters, distills
 from vitlab.params import Params
-from vitlab.stages import Layout
+from vitlab.stages import Layout, write_metrics
 from vitlab.tracking import Tracker
 from vitlab.train import train, training_data
 
@@ -51,8 +51,8 @@ def run(params: Params, layout: Layout) -> None:
         files.write_tsv(layout.train_history, result.history)
         plot_training_curves(result.history, layout.train_curves)
         animate_training(result.history, layout.train_gif)
-        metrics = result.metrics(n_params, len(train_split)) | {"cpu": cpu_record()}  # what decides its bits
-        files.write_json(layout.train_metrics, metrics)
+        metrics = result.metrics(n_params, len(train_split))
+        write_metrics(layout.train_metrics, layout.train_run, metrics, {"cpu": cpu_record()})
         layout.train_state.unlink(missing_ok=True)  # every output saved: nothing left to resume
         tracker.summary(metrics)
         tracker.log_images({"training_curves": layout.train_curves, "training_progress": layout.train_gif})
