@@ -102,6 +102,50 @@ def show_params(params: ParamsOption = Path("params.yaml")) -> None:
     typer.echo(json.dumps(load_params(params).model_dump(by_alias=True, mode="json"), indent=2))
 
 
+@app.command("metrics")
+def show_metrics(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="metrics files (default: every stage's that exists)")
+    ] = None,
+) -> None:
+    """Print the pipeline's metrics one per line under their file: what `make repro` ends with, in 80 columns
+    where `dvc metrics show` puts every file's keys side by side."""
+    from vitlab.stages import Layout
+
+    layout = Layout()
+    stages = [layout.teacher_metrics, layout.train_metrics, layout.eval_metrics, layout.export_metrics]
+    paths = paths or [path for path in [*stages, layout.inference_metrics] if path.is_file()]
+    if not paths:
+        raise VitlabError("no metrics here yet: run the pipeline first (`dvc repro`)")
+    for path in paths:
+        try:
+            metrics = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VitlabError(f"{path}: no such metrics file") from None
+        except json.JSONDecodeError as error:
+            raise VitlabError(f"{path}: not JSON ({error})") from None
+        typer.echo(str(path))
+        for key, value in _flatten(metrics):
+            typer.echo(f"  {key:<34} {_number(value)}")
+
+
+def _flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf, as `dvc metrics show` names nested keys."""
+    rows: list[tuple[str, object]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        rows += _flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)]
+    return rows
+
+
+def _number(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 @app.command()
 def compare(
     run: Annotated[
