@@ -87,12 +87,12 @@ def test_repro_writes_every_output(pipeline_run):
 
 
 def _same_kind(committed: dict, ours: dict) -> bool:
-    """Whether two train metrics' ``cpu`` records (vitlab.device.cpu_record) promise the same bits: both in
-    the bit-identical mode with the same ATen instruction set and threads, on the same vendor's CPUs, and
-    off Intel on the same model. On Intel, benchmarks/results/cpu_repro.json measured that mode's bits on an
-    AVX-512 Xeon under every instruction set and core count it played: all equal to an AVX2-only Xeon's. MKL
-    keeps to its AVX2 branch on Intel CPUs only; elsewhere it runs code of its own choosing, which nothing
-    measured across models."""
+    """Whether two runs' ``cpu`` records (reports/train/run.json, vitlab.device.cpu_record) promise the same
+    bits: both in the bit-identical mode with the same ATen instruction set and threads, on the same vendor's
+    CPUs, and off Intel on the same model. On Intel, benchmarks/results/cpu_repro.json measured that mode's
+    bits on an AVX-512 Xeon under every instruction set and core count it played: all equal to an AVX2-only
+    Xeon's. MKL keeps to its AVX2 branch on Intel CPUs only; elsewhere it runs code of its own choosing, which
+    nothing measured across models."""
     keys = ("mode", "vendor", "isa", "threads") + (
         () if committed.get("vendor") == "GenuineIntel" else ("model",)
     )
@@ -104,9 +104,9 @@ def test_repro_gives_the_committed_runs_bits_on_its_kind_of_cpu_and_its_curves_e
     the kind recorded in its metrics; on any other, within run-to-run noise (pipeline_run runs that mode too
     where the CPU has AVX2 and FMA)."""
     root, env = pipeline_run
-    committed_train = json.loads(_run(["git", "show", "HEAD:reports/train/metrics.json"], root, env).stdout)
+    committed_run = json.loads(_run(["git", "show", "HEAD:reports/train/run.json"], root, env).stdout)
     committed_eval = json.loads(_run(["git", "show", "HEAD:reports/eval/metrics.json"], root, env).stdout)
-    ours_train = _json(root / "reports" / "train" / "metrics.json")
+    ours_run = _json(root / "reports" / "train" / "run.json")
     ours_eval = _json(root / "reports" / "eval" / "metrics.json")
 
     def rows(text: str) -> list[dict[str, str]]:  # without the speed, which no run repeats
@@ -115,7 +115,7 @@ def test_repro_gives_the_committed_runs_bits_on_its_kind_of_cpu_and_its_curves_e
 
     committed = rows(_run(["git", "show", "HEAD:reports/train/history.tsv"], root, env).stdout)
     ours = rows((root / "reports" / "train" / "history.tsv").read_text())
-    if _same_kind(committed_train.get("cpu", {}), ours_train["cpu"]):
+    if _same_kind(committed_run["cpu"], ours_run["cpu"]):
         assert ours == committed
         assert (ours_eval["test_accuracy"], ours_eval["test_loss"]) == (
             committed_eval["test_accuracy"],
@@ -130,11 +130,12 @@ def test_repro_gives_the_committed_runs_bits_on_its_kind_of_cpu_and_its_curves_e
     # rounding and far below what a bug (another seed, recipe or data order: percent-level) changes.
     for key in ("train_loss", "val_loss"):
         assert float(ours[0][key]) == pytest.approx(float(committed[0][key]), rel=1e-3), key
-    # Once parted, two runs differ as two seeds do. A test accuracy is a proportion over n images, so the
-    # difference of two independent models' has a standard deviation of at most sqrt(2 p (1 - p) / n) (their
-    # errors on shared images are correlated, which only lowers it): 3.1 points at p = 0.42, n = 500. Three
-    # of them are exceeded by chance in 0.3% of pairs. (Runs on an AVX-512 Xeon and an AMD EPYC reached
-    # 43.4% and 44.2% where the committed Intel run reached 42.2%: README, "Across CPUs".)
+    # Once parted, two runs differ as two seeds do. A test accuracy is a proportion over n images: were two
+    # models right or wrong on each image independently, their accuracies' difference would have a standard
+    # deviation of sqrt(2 p (1 - p) / n), 3.1 points at p = 0.42, n = 500; models of one recipe fail on many
+    # of the same images, which lowers it. Three of them are exceeded by chance in 0.3% of pairs. (Runs on an
+    # AVX-512 Xeon and an AMD EPYC reached 43.4% and 44.2% where the committed Intel run reached 42.2%:
+    # README, "Across CPUs".)
     p, n = committed_eval["test_accuracy"], committed_eval["test_images"]
     assert abs(ours_eval["test_accuracy"] - p) <= 3 * math.sqrt(2 * p * (1 - p) / n)
 
