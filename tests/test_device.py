@@ -47,6 +47,5 @@ def test_the_cpu_record_names_the_mode_and_what_decides_the_bits(switch, mode, m
     assert record["mode"] == mode
     assert record["isa"] == torch.backends.cpu.get_cpu_capability()
     assert record["threads"] == torch.get_num_threads()
-    assert (
-        set(record) == {"vendor", "model", "isa", "threads", "mode"} and record["vendor"] and record["model"]
-    )
+    assert set(record) == {"vendor", "model", "family_model", "isa", "threads", "mode"}
+    assert record["vendor"] and record["model"]

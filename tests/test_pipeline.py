@@ -89,12 +89,12 @@ def test_repro_writes_every_output(pipeline_run):
 def _same_kind(committed: dict, ours: dict) -> bool:
     """Whether two runs' ``cpu`` records (reports/train/run.json, vitlab.device.cpu_record) promise the same
     bits: both in the bit-identical mode with the same ATen instruction set and threads, on the same vendor's
-    CPUs, and off Intel on the same model. On Intel, benchmarks/results/cpu_repro.json measured that mode's
-    bits on an AVX-512 Xeon under every instruction set and core count it played: all equal to an AVX2-only
-    Xeon's. MKL keeps to its AVX2 branch on Intel CPUs only; elsewhere it runs code of its own choosing, which
-    nothing measured across models."""
+    CPUs, and off Intel on the same model (name and numbers). On Intel, benchmarks/results/cpu_repro.json
+    measured that mode's bits on an AVX-512 Xeon under every instruction set and core count it played: all
+    equal to an AVX2-only Xeon's. MKL keeps to its AVX2 branch on Intel CPUs only; elsewhere it runs code of
+    its own choosing, which nothing measured across models."""
     keys = ("mode", "vendor", "isa", "threads") + (
-        () if committed.get("vendor") == "GenuineIntel" else ("model",)
+        () if committed.get("vendor") == "GenuineIntel" else ("model", "family_model")
     )
     return committed.get("mode") == "bit-identical" and all(committed.get(k) == ours.get(k) for k in keys)
 

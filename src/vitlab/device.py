@@ -43,12 +43,14 @@ def hardware_description(device: str) -> str:
 
 
 def cpu_record() -> dict[str, str | int]:
-    """What decides a CPU run's bits, for reports/train/metrics.json: the CPU's vendor ("GenuineIntel",
-    "AuthenticAMD") and model name (/proc/cpuinfo), ATen's instruction set ("AVX2", "AVX512"), torch's
+    """What decides a CPU run's bits, for reports/train/run.json: the CPU's vendor ("GenuineIntel",
+    "AuthenticAMD"), model name and "family/model" numbers (/proc/cpuinfo: a virtual machine may show a
+    generic name, "AMD EPYC", for every generation), ATen's instruction set ("AVX2", "AVX512"), torch's
     intra-op threads and the mode ("bit-identical" or "native": vitlab.cpu)."""
     return {
         "vendor": cpu_info("vendor_id") or platform.machine(),
         "model": cpu_info("model name") or platform.processor() or platform.machine(),
+        "family_model": f"{cpu_info('cpu family')}/{cpu_info('model')}",
         "isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "mode": "bit-identical" if bit_identical() else "native",
