@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from vitlab.checkpoint import Normalization
 from vitlab.data.prepared import Split
+from vitlab.device import cpu_record
 from vitlab.models import build_model
 from vitlab.params import TrainParams
 from vitlab.train import train
@@ -50,7 +51,8 @@ train(model, data, None, Normalization.from_images(data.images), params)
 digest = hashlib.sha256()
 for name, tensor in model.state_dict().items():
     digest.update(name.encode() + tensor.numpy().tobytes())
-print(digest.hexdigest(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+record = cpu_record()  # what the train stage records beside its metrics
+print(digest.hexdigest(), record["isa"], record["threads"], record["mode"])
 """
 # The variables the mode pins and the ones that play another CPU: none of the test runner's own may leak in.
 PINNED = tuple(PINS)
@@ -93,9 +95,10 @@ needs_avx2 = pytest.mark.skipif(
 
 
 @functools.cache
-def _train(cpu: str, bit_identical: bool) -> tuple[str, str, str]:
-    """(sha256 of the weights, ATen's capability, threads) of the small training in a fresh process, on the
-    played ``cpu`` (a key of CPUS), in the bit-identical mode or the native one."""
+def _train(cpu: str, bit_identical: bool) -> tuple[str, str, str, str]:
+    """(sha256 of the weights, ATen's capability, threads, the mode its train metrics record) of the small
+    training in a fresh process, on the played ``cpu`` (a key of CPUS), in the bit-identical mode or the
+    native one."""
     env, cores = CPUS[cpu]
     base = {k: v for k, v in os.environ.items() if k not in PINNED + PLAYING}
     base["PYTHONPATH"] = str(SRC)
@@ -108,16 +111,17 @@ def _train(cpu: str, bit_identical: bool) -> tuple[str, str, str]:
         preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
     )
     assert done.returncode == 0, done.stderr
-    digest, capability, threads = done.stdout.split()
-    return digest, capability, threads
+    digest, capability, threads, mode = done.stdout.split()
+    return digest, capability, threads, mode
 
 
 @needs_avx2
 def test_the_bit_identical_mode_gives_the_same_weights_whatever_the_cpu():
     runs = {cpu: _train(cpu, bit_identical=True) for cpu in CPUS}
-    assert len({digest for digest, _, _ in runs.values()}) == 1, runs
-    assert {capability for _, capability, _ in runs.values()} == {"AVX2"}
-    assert {threads for _, _, threads in runs.values()} == {"2"}
+    assert len({digest for digest, *_ in runs.values()}) == 1, runs
+    assert {(capability, threads, mode) for _, capability, threads, mode in runs.values()} == {
+        ("AVX2", "2", "bit-identical")
+    }
 
 
 # The controls: each played CPU does round differently in the native mode, where the machine can show it.
@@ -147,7 +151,8 @@ def test_in_the_native_mode_the_played_cpu_trains_other_weights(cpu):
 @pytest.mark.skipif(CORES < 2, reason="needs 2 cores to play a CPU with one")
 def test_the_native_mode_trains_on_the_cores_the_process_may_use():
     assert _train("one core", bit_identical=False)[2] == "1"
-    assert 1 < int(_train("this CPU", bit_identical=False)[2]) <= CORES
+    _, _, threads, mode = _train("this CPU", bit_identical=False)
+    assert 1 < int(threads) <= CORES and mode == "native"
 
 
 def _environment_after(code: str, env: dict[str, str]) -> list[str]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vitlab import device
-from vitlab.cpu import BIT_IDENTICAL, cpu_has
+from vitlab.cpu import PINS, cpu_has
 from vitlab.models import build_model
 
 CPU = torch.device("cpu")
@@ -38,14 +38,14 @@ def test_native_bf16_is_read_from_the_cpus_flags():
     assert device.native_bf16() == (cpu_has("avx512_bf16") or cpu_has("amx_bf16"))
 
 
-@pytest.mark.parametrize(("switch", "mode"), [("0", "native"), ("1", "bit-identical")])
-def test_the_cpu_record_names_the_mode_and_what_decides_the_bits(switch, mode, monkeypatch):
-    if switch == "1" and not cpu_has("avx2", "fma"):
-        pytest.skip("the bit-identical mode needs an x86-64 CPU with AVX2 and FMA")
-    monkeypatch.setenv(BIT_IDENTICAL, switch)
+@pytest.mark.parametrize("pinned", [False, True])
+def test_the_cpu_record_names_the_mode_in_effect_and_what_decides_the_bits(pinned, monkeypatch):
+    for name, value in PINS.items():
+        monkeypatch.setenv(name, value) if pinned else monkeypatch.delenv(name, raising=False)
     record = device.cpu_record()
-    assert record["mode"] == mode
-    assert record["isa"] == torch.backends.cpu.get_cpu_capability()
+    capability = torch.backends.cpu.get_cpu_capability()  # as this process loaded ATen: pinned or not
+    assert record["mode"] == ("bit-identical" if pinned and capability == "AVX2" else "native")
+    assert record["isa"] == capability
     assert record["threads"] == torch.get_num_threads()
     assert set(record) == {"vendor", "model", "family_model", "isa", "threads", "mode"}
     assert record["vendor"] and record["model"]

@@ -10,7 +10,7 @@ import platform
 import torch
 from torch import nn
 
-from vitlab.cpu import bit_identical, cpu_has, cpu_info
+from vitlab.cpu import PINS, bit_identical, cpu_has, cpu_info
 from vitlab.errors import VitlabError
 
 
@@ -46,14 +46,16 @@ def cpu_record() -> dict[str, str | int]:
     """What decides a CPU run's bits, for reports/train/run.json: the CPU's vendor ("GenuineIntel",
     "AuthenticAMD"), model name and "family/model" numbers (/proc/cpuinfo: a virtual machine may show a
     generic name, "AMD EPYC", for every generation), ATen's instruction set ("AVX2", "AVX512"), torch's
-    intra-op threads and the mode ("bit-identical" or "native": vitlab.cpu)."""
+    intra-op threads and the mode in effect: "bit-identical" when every pin of that mode is (vitlab.cpu.PINS,
+    with ATen on AVX2: a process that loaded torch before the pins were set has not), else "native"."""
+    pinned = PINS.items() <= os.environ.items() and torch.backends.cpu.get_cpu_capability() == "AVX2"
     return {
         "vendor": cpu_info("vendor_id") or platform.machine(),
         "model": cpu_info("model name") or platform.processor() or platform.machine(),
         "family_model": f"{cpu_info('cpu family')}/{cpu_info('model')}",
         "isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "mode": "bit-identical" if bit_identical() else "native",
+        "mode": "bit-identical" if pinned else "native",
     }
 
 
