@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 repro: setup
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	$(BIN)/vitlab metrics  # one per line: `dvc metrics show` is one table as wide as all the files' keys
 
 test: setup
 	$(BIN)/ruff check .

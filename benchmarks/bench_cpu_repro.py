@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_repro.json"
-OPT_OUT = "VITLAB_PIN_CPU"  # =0: vitlab leaves the libraries' CPU dispatch alone (see vitlab/__init__.py)
+SWITCH = "VITLAB_BIT_IDENTICAL"  # =1: vitlab's bit-identical mode, its pins (vitlab/cpu.py); unset: native
 NO_ONEDNN = "BENCH_NO_ONEDNN"  # =1: torch.backends.mkldnn.enabled = False in the training process
 # Every variable a configuration may set; the parent's own values of them never reach a child.
 CONTROLLED = (
@@ -52,7 +52,7 @@ CONTROLLED = (
     "MKL_ENABLE_INSTRUCTIONS",
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
-    OPT_OUT,
+    SWITCH,
     NO_ONEDNN,
 )
 
@@ -97,6 +97,7 @@ PINS: dict[str, dict[str, str]] = {
 _ATEN_ORDER = ("default", "avx2", "avx512")
 _ONEDNN_ORDER = ("SSE41", "AVX", "AVX2", "AVX512_CORE", "ALL")
 REFERENCE = "unpinned @ native"
+BIT_IDENTICAL = "vitlab bit-identical"  # named "vitlab default" in results measured before it was a switch
 THREADS = ("unpinned", "aten+onednn avx2, mkl cbwr avx2", "aten+onednn avx2, mkl cbwr compatible")
 
 
@@ -112,17 +113,18 @@ def combine(emulation: dict[str, str], pin: dict[str, str]) -> dict[str, str]:
 
 
 def configurations(quick: bool) -> dict[str, dict[str, str]]:
-    """name -> environment, every pin under every emulation, some at 1 thread, and vitlab's own default."""
-    configs = {"vitlab default": {}}
+    """name -> environment, every pin under every emulation, some at 1 thread, and vitlab's bit-identical
+    mode."""
+    configs = {BIT_IDENTICAL: {SWITCH: "1"}}
     for pin_name, pin in PINS.items():
         for emu_name, emulation in EMULATIONS.items():
-            configs[f"{pin_name} @ {emu_name}"] = {OPT_OUT: "0"} | combine(emulation, pin)
+            configs[f"{pin_name} @ {emu_name}"] = combine(emulation, pin)
     for pin_name in THREADS:
         for emu_name in ("native", "avx2"):
             env = configs[f"{pin_name} @ {emu_name}"]
             configs[f"{pin_name} @ {emu_name}, 1 thread"] = env | {"OMP_NUM_THREADS": "1"}
     if quick:
-        keep = (REFERENCE, "unpinned @ avx2", "vitlab default", "unpinned @ native, 1 thread")
+        keep = (REFERENCE, "unpinned @ avx2", BIT_IDENTICAL, "unpinned @ native, 1 thread")
         configs = {k: configs[k] for k in keep}
     return configs
 
@@ -137,7 +139,9 @@ def weights_digest(state: dict) -> str:
 
 def child(data: str, epochs: int, save: str) -> None:
     """Train the default model ``epochs`` epochs; print one JSON line; save the last weights to ``save``."""
-    import vitlab  # noqa: F401, I001  (first, as every vitlab entry point: it sets the variables it pins)
+    from vitlab.cpu import prepare_process
+
+    prepare_process()  # before torch loads, as every vitlab entry point: wait policy; pins if asked
     import torch
 
     if os.environ.get(NO_ONEDNN) == "1":
@@ -185,7 +189,9 @@ def _copy(state: dict) -> dict:
 
 def step_child(preset: str, steps: int) -> None:
     """Median seconds of ``steps`` training steps of ``preset`` (bench_train_throughput's step) as JSON."""
-    import vitlab  # noqa: F401, I001  (first: it sets the variables it pins)
+    from vitlab.cpu import prepare_process
+
+    prepare_process()  # before torch loads, as every vitlab entry point
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -209,13 +215,13 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def measure_presets(presets: list[str], steps: int, rounds: int) -> list[dict]:
-    """Each preset's step, unpinned and with vitlab's pins, in fresh processes taking turns."""
-    cells = [(preset, pins) for preset in presets for pins in ("unpinned", "vitlab default")]
+    """Each preset's step, unpinned (native) and bit-identical, in fresh processes taking turns."""
+    cells = [(preset, pins) for preset in presets for pins in ("unpinned", BIT_IDENTICAL)]
     times: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells}
     for r in range(rounds):
         shift = r % len(cells)
         for preset, pins in cells[shift:] + cells[:shift]:
-            env = {OPT_OUT: "0"} if pins == "unpinned" else {}
+            env = {} if pins == "unpinned" else {SWITCH: "1"}
             command = [sys.executable, __file__, "--step-child", preset, "--epochs", str(steps)]
             done = subprocess.run(command, env=_child_env(env), capture_output=True, text=True)
             if done.returncode:
@@ -226,7 +232,7 @@ def measure_presets(presets: list[str], steps: int, rounds: int) -> list[dict]:
     rows = []
     for preset in presets:
         before = statistics.median(times[preset, "unpinned"])
-        after = statistics.median(times[preset, "vitlab default"])
+        after = statistics.median(times[preset, BIT_IDENTICAL])
         rows.append(
             {
                 "preset": preset,
@@ -234,11 +240,11 @@ def measure_presets(presets: list[str], steps: int, rounds: int) -> list[dict]:
                 "pinned_step_s": round(after, 4),
                 "slowdown": round(after / before, 3),
                 "unpinned_runs_s": [round(t, 4) for t in times[preset, "unpinned"]],
-                "pinned_runs_s": [round(t, 4) for t in times[preset, "vitlab default"]],
+                "pinned_runs_s": [round(t, 4) for t in times[preset, BIT_IDENTICAL]],
             }
         )
     print(f"\nA training step (batch 128, random images): median of {steps}, median over {rounds} rounds\n")
-    print("| preset | unpinned ms/step | vitlab default (pinned) ms/step | pinned / unpinned |")
+    print("| preset | unpinned ms/step | bit-identical (pinned) ms/step | pinned / unpinned |")
     print("|---|---|---|---|")
     for row in rows:
         print(

@@ -30,8 +30,8 @@ with its per-image predictions, so an interrupted benchmark loses at most the ru
 skips the runs already there. From the file it writes ``--out``.md (accuracy with its 95% BCa bootstrap
 interval, epochs, img/s) and, for every budget at which the CIFAR-10 study's four runs exist, ``vitlab
 compare``'s table and plots in ``--study-dir``/study-BUDGET/ (paired differences to the CNN). Budgets are
-wall-clock: run it on an otherwise idle machine, with ``VITLAB_PIN_CPU=0`` for the CPU's fastest code
-(vitlab's CPU pins cost speed; README, "Across CPUs").
+wall-clock: run it on an otherwise idle machine, without ``VITLAB_BIT_IDENTICAL=1`` (its pins cost speed;
+README, "Across CPUs").
 """
 
 from __future__ import annotations

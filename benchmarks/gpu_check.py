@@ -61,6 +61,7 @@ import vitlab
 from vitlab import files
 from vitlab.checkpoint import Normalization
 from vitlab.compat import import_torchvision
+from vitlab.cpu import bit_identical
 from vitlab.data.archive import prepare_dataset
 from vitlab.data.prepared import PreparedDataset, Split
 from vitlab.data.sources import DATASETS
@@ -453,7 +454,7 @@ def environment(device: torch.device, dry_run: bool) -> dict[str, Any]:
         "onnx": onnx.__version__,
         "onnxruntime": ort.__version__,
         "vitlab": vitlab.__version__,
-        "VITLAB_PIN_CPU": os.environ.get("VITLAB_PIN_CPU"),
+        "cpu_mode": "bit-identical" if bit_identical() else "native",  # vitlab.cpu
     }
 
 

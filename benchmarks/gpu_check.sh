@@ -69,6 +69,7 @@ case "${1:-}" in
     ;;
 esac
 mkdir -p "$out"
-# The GPU machine's CPU side runs unpinned (vitlab/__init__.py pins CPUs for reproducible bits).
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} VITLAB_PIN_CPU=0 PYTHONUNBUFFERED=1
+# The GPU machine's CPU side runs natively, not in the bit-identical mode (vitlab/cpu.py).
+unset VITLAB_BIT_IDENTICAL
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 timeout --signal=KILL "$KILL_AFTER_S" "$PYTHON" benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee "$out/gpu_check.log"

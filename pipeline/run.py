@@ -3,7 +3,8 @@
 The stages themselves are library functions (vitlab.stages, one module each); this entry point pins them to
 this repository's folders and params.yaml, and reports a failure as one line with a non-zero exit, as the CLI
 does (``VITLAB_DEBUG=1`` shows the traceback). It imports the stage's own module and nothing else of vitlab's
-command line, so a stage's DVC deps are its import closure (tests/test_stage_deps.py).
+command line, so a stage's DVC deps are its import closure (tests/test_stage_deps.py). Before torch loads it
+sets up the CPU libraries (vitlab.cpu: OpenMP's wait policy; ``VITLAB_BIT_IDENTICAL=1`` pins the bits).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ if __name__ == "__main__":
         sys.exit("usage: python pipeline/run.py STAGE")
     os.chdir(REPO)  # dvc runs stages from the repo root; this makes a manual run from elsewhere agree
     try:
+        from vitlab.cpu import prepare_process
         from vitlab.errors import exit_code
+
+        if code := exit_code(prepare_process):  # before vitlab.stages imports torch
+            sys.exit(code)
         from vitlab.stages import run_stage
     except ModuleNotFoundError as error:
         sys.exit(

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import REPO, clone_and_repro
 
-import vitlab  # noqa: F401  (before any test imports torch: it sets OpenMP's wait policy, as every entry point)
+from vitlab.cpu import prepare_process
+
+prepare_process()  # before any test imports torch, as every vitlab entry point: OpenMP's wait policy
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

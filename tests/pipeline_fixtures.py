@@ -1,9 +1,9 @@
 """The real pipeline, run once per test session and shared by every end-to-end test.
 
 `pipeline_run` (conftest.py) is a temporary git clone of this repository after `dvc repro` on the committed
-params.yaml: data/prepared, models/model.pt, models/model.onnx and reports/ are there. Tests that change the
-clone (an edited file, a `dvc exp run`) restore what they changed, so the tests that follow see the committed
-run.
+params.yaml, in the bit-identical mode (vitlab.cpu) where the CPU has it, as the committed run is made:
+data/prepared, models/model.pt, models/model.onnx and reports/ are there. Tests that change the clone (an
+edited file, a `dvc exp run`) restore what they changed, so the tests that follow see the committed run.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from vitlab.cpu import BIT_IDENTICAL, cpu_has
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,8 @@ def clone_and_repro(base: Path) -> tuple[Path, dict[str, str]]:
         "WANDB_MODE": "disabled",
         "CI": "true",
     }
+    if cpu_has("avx2", "fma"):  # the committed run's mode, so that its bits can be checked (test_pipeline.py)
+        env[BIT_IDENTICAL] = "1"
     env.pop("DVC_EXP_NAME", None)
     run(["dvc", "repro"], root, env)
     return root, env

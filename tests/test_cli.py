@@ -73,7 +73,7 @@ def test_stage_runs_from_the_given_params_in_the_working_directory(tmp_path, mon
 
 def test_app_lists_its_commands():
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert names == {"predict", "stage", "params", "compare"}
+    assert names == {"predict", "stage", "params", "metrics", "compare"}
 
 
 def _ready_to_evaluate(folder: Path) -> None:

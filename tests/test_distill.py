@@ -16,7 +16,7 @@ from vitlab import stages
 from vitlab.checkpoint import Normalization, load_checkpoint, save_checkpoint
 from vitlab.cli import main
 from vitlab.data.prepared import save_prepared
-from vitlab.distill import distillation_loss, load_teacher
+from vitlab.distill import NO_TEACHER, distillation_loss, load_teacher
 from vitlab.errors import VitlabError
 from vitlab.models import build_model, count_parameters, describe_model, distills
 from vitlab.params import TeacherParams, TrainParams, parse_params
@@ -217,7 +217,7 @@ def test_the_teacher_stage_trains_the_preset_and_the_train_stage_learns_from_it(
     assert teacher.model.config.channels == (16, 32)  # cnn-small's
     assert teacher.class_names == [f"class_{i}" for i in range(4)]
     metrics = json.loads(layout.teacher_metrics.read_text())
-    assert metrics["train_images"] == 72 and metrics["best_epoch"] in (1, 2)
+    assert metrics["trained"] and metrics["train_images"] == 72 and metrics["best_epoch"] in (1, 2)
     assert not layout.teacher_state.exists()
     stages.stage_function("train")(params, layout)
     student = load_checkpoint(layout.checkpoint).model
@@ -236,3 +236,20 @@ def test_the_train_stage_of_a_distilled_vit_without_a_teacher_names_the_missing_
     assert err.startswith("error: models/teacher.pt: no teacher model; ") and err.count("\n") == 1
     assert "`vitlab stage teacher`" in err
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+def test_without_distillation_the_teacher_stage_trains_nothing_and_its_output_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    layout = stages.Layout.under(tmp_path)
+    save_prepared(make_dataset(n_train=40, n_test=10, num_classes=4), layout.prepared_dir)
+    plain = TINY | {"model": TINY["model"] | {"distillation": False}}
+    layout.teacher_state.parent.mkdir(parents=True)
+    layout.teacher_state.write_bytes(b"a teacher's run stopped before distillation went off")
+    stages.stage_function("teacher")(parse_params(plain), layout)
+    assert layout.teacher.read_bytes() == NO_TEACHER
+    assert json.loads(layout.teacher_metrics.read_text()) == {"trained": False}
+    assert not layout.teacher_state.exists()
+    stages.stage_function("train")(parse_params(plain), layout)  # a model without distillation never reads it
+    assert not distills(load_checkpoint(layout.checkpoint).model)
+    with pytest.raises(VitlabError, match=r"teacher\.pt: no teacher model; .* with model\.distillation on"):
+        load_teacher(layout.teacher, [f"class_{i}" for i in range(4)], (32, 3))

@@ -44,7 +44,7 @@ def test_the_dry_run_passes_every_section_and_writes_its_files(dry_run):
     results = json.loads((dry_run / "gpu_check.json").read_text())
     assert results["status"] == "passed"
     assert results["environment"]["dry_run"] and results["environment"]["device"] == "cpu"
-    assert results["environment"]["VITLAB_PIN_CPU"] == "0"
+    assert results["environment"]["cpu_mode"] == "native"
     assert "sample" in results["data"]["source"]
     assert list(results["sections"]) == ["cuda_tests", "time_to_accuracy", "onnx", "throughput"]
     assert "passed" in (dry_run / "gpu_check.log").read_text()

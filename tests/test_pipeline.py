@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pipeline_fixtures import run as _run
 
-import vitlab
+from vitlab.distill import NO_TEACHER
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -43,9 +43,10 @@ def test_repro_writes_every_output(pipeline_run):
     assert len(_json(prepared / "meta.json")["class_names"]) == 10
     assert _json(root / "reports" / "validation.json")["success"] is True
 
-    teacher_metrics = _json(root / "reports" / "teacher" / "metrics.json")  # ResNet-20, 10 epochs
-    assert teacher_metrics["num_parameters"] == 272_474 and teacher_metrics["train_images"] == 2025
-    assert (root / "models" / "teacher.pt").is_file() and not (root / "models" / "teacher_state.pt").exists()
+    # model.distillation is off: nothing learns from a teacher, so none is trained (the variant trains one)
+    assert _json(root / "reports" / "teacher" / "metrics.json") == {"trained": False}
+    assert (root / "models" / "teacher.pt").read_bytes() == NO_TEACHER
+    assert not (root / "models" / "teacher_state.pt").exists()
 
     params_epochs = 40
     train_metrics = _json(root / "reports" / "train" / "metrics.json")
@@ -85,27 +86,58 @@ def test_repro_writes_every_output(pipeline_run):
     assert json.loads(status.stdout) == {}, "dvc repro left stages out of date"
 
 
-def test_repro_gives_the_committed_runs_bits(pipeline_run):
-    """The committed run (made on one Intel Xeon) reproduces digit for digit on this CPU: vitlab pins the
-    libraries' code paths to AVX2 and 2 threads (vitlab/__init__.py); MKL honours that on Intel CPUs only."""
-    vendor = vitlab.cpu_info("vendor_id")
-    if vendor != "GenuineIntel":
-        pytest.skip(f"CPU vendor {vendor or 'unknown'}: MKL runs its own code there (README)")
-    if not vitlab.CPU_PINS.items() <= os.environ.items():
-        pytest.skip("CPU code paths not pinned here (no AVX2/FMA, VITLAB_PIN_CPU=0, or set otherwise)")
+def _same_kind(committed: dict, ours: dict) -> bool:
+    """Whether two runs' ``cpu`` records (reports/train/run.json, vitlab.device.cpu_record) promise the same
+    bits: both in the bit-identical mode with the same ATen instruction set and threads, on the same vendor's
+    CPUs, and off Intel on the same model (name and numbers). On Intel, benchmarks/results/cpu_repro.json
+    measured that mode's bits on an AVX-512 Xeon under every instruction set and core count it played: all
+    equal to an AVX2-only Xeon's. MKL keeps to its AVX2 branch on Intel CPUs only; elsewhere it runs code of
+    its own choosing, which nothing measured across models."""
+    keys = ("mode", "vendor", "isa", "threads") + (
+        () if committed.get("vendor") == "GenuineIntel" else ("model", "family_model")
+    )
+    return committed.get("mode") == "bit-identical" and all(committed.get(k) == ours.get(k) for k in keys)
+
+
+def test_repro_gives_the_committed_runs_bits_on_its_kind_of_cpu_and_its_curves_elsewhere(pipeline_run):
+    """The committed run, made in the bit-identical mode (vitlab.cpu), reproduces digit for digit on a CPU of
+    the kind recorded in its metrics; on any other, within run-to-run noise (pipeline_run runs that mode too
+    where the CPU has AVX2 and FMA)."""
     root, env = pipeline_run
-    committed = _run(["git", "show", "HEAD:reports/train/history.tsv"], root, env).stdout
-    ours = (root / "reports" / "train" / "history.tsv").read_text()
-
-    def without_speed(text: str) -> list[dict[str, str]]:
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
-        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
-
-    assert without_speed(ours) == without_speed(committed)
-    evaluation = _json(root / "reports" / "eval" / "metrics.json")
+    committed_run = json.loads(_run(["git", "show", "HEAD:reports/train/run.json"], root, env).stdout)
     committed_eval = json.loads(_run(["git", "show", "HEAD:reports/eval/metrics.json"], root, env).stdout)
-    assert evaluation["test_accuracy"] == committed_eval["test_accuracy"]
-    assert evaluation["test_loss"] == committed_eval["test_loss"]
+    ours_run = _json(root / "reports" / "train" / "run.json")
+    ours_eval = _json(root / "reports" / "eval" / "metrics.json")
+
+    def rows(text: str) -> list[dict[str, str]]:  # without the speed, which no run repeats
+        table = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in table]
+
+    committed = rows(_run(["git", "show", "HEAD:reports/train/history.tsv"], root, env).stdout)
+    ours = rows((root / "reports" / "train" / "history.tsv").read_text())
+    if _same_kind(committed_run["cpu"], ours_run["cpu"]):
+        assert ours == committed
+        assert (ours_eval["test_accuracy"], ours_eval["test_loss"]) == (
+            committed_eval["test_accuracy"],
+            committed_eval["test_loss"],
+        )
+        return
+    assert len(ours) == len(committed)
+    # Another CPU rounds differently from the first step on, by about an ulp per operation: float32's
+    # relative 1.2e-7. The differences grow, but slowly at first: benchmarks/results/cpu_repro.json's runs on
+    # other instruction sets agreed to 1.1e-7 in their validation losses after 3 epochs, and a run on
+    # another CPU parted from the committed one at epoch 7 (issue 12). After one epoch, 1e-3 is far above
+    # rounding and far below what a bug (another seed, recipe or data order: percent-level) changes.
+    for key in ("train_loss", "val_loss"):
+        assert float(ours[0][key]) == pytest.approx(float(committed[0][key]), rel=1e-3), key
+    # Once parted, two runs differ as two seeds do. A test accuracy is a proportion over n images: were two
+    # models right or wrong on each image independently, their accuracies' difference would have a standard
+    # deviation of sqrt(2 p (1 - p) / n), 3.1 points at p = 0.42, n = 500; models of one recipe fail on many
+    # of the same images, which lowers it. Three of them are exceeded by chance in 0.3% of pairs. (Runs on an
+    # AVX-512 Xeon and an AMD EPYC reached 43.4% and 44.2% where the committed Intel run reached 42.2%:
+    # README, "Across CPUs".)
+    p, n = committed_eval["test_accuracy"], committed_eval["test_images"]
+    assert abs(ours_eval["test_accuracy"] - p) <= 3 * math.sqrt(2 * p * (1 - p) / n)
 
 
 def test_editing_a_stages_code_puts_that_stage_alone_out_of_date(pipeline_run):

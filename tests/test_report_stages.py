@@ -13,7 +13,7 @@ from fake_wandb import use_fake_run
 from PIL import Image
 from png_checks import assert_picture, inches_to_pixels
 
-from vitlab import figures, stages
+from vitlab import device, figures, stages
 from vitlab.data.prepared import save_prepared
 from vitlab.params import parse_params
 
@@ -60,6 +60,32 @@ def test_train_writes_the_curves_and_their_animation(pipeline):
         assert gif.n_frames == TRAIN["epochs"]
     media = run.media()
     assert {"training_curves", "training_progress"} <= set(media)
+
+
+def test_train_metrics_hold_numbers_and_the_report_beside_them_the_machine(pipeline):
+    _, layout, _ = pipeline
+    metrics = json.loads(layout.train_metrics.read_text())
+    assert metrics["num_parameters"] > 0 and metrics["train_images"] == 108
+    assert not [key for key, value in metrics.items() if isinstance(value, str | dict)]
+    run = json.loads(layout.train_run.read_text())
+    assert run["device"] == "cpu" and run["hardware"].startswith(run["cpu"]["model"])
+    assert run["cpu"] == device.cpu_record()  # the mode and what else decides a CPU run's bits
+
+
+def test_write_metrics_keeps_the_numbers_and_moves_the_words_beside_them(tmp_path):
+    metrics = {"accuracy": 0.5, "ok": True, "int8": {"bytes": 3, "quantization": "weight_only int8: ..."}}
+    stages.write_metrics(
+        tmp_path / "metrics.json", tmp_path / "run.json", metrics, {"cpu": {"mode": "native"}}
+    )
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "accuracy": 0.5,
+        "ok": True,
+        "int8": {"bytes": 3},
+    }
+    assert json.loads((tmp_path / "run.json").read_text()) == {
+        "int8": {"quantization": "weight_only int8: ..."},
+        "cpu": {"mode": "native"},
+    }
 
 
 def test_evaluate_writes_one_prediction_per_test_image(pipeline):

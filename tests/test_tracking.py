@@ -82,9 +82,9 @@ def test_the_environment_and_the_login_decide_the_mode(monkeypatch, wandb_env, e
 
 
 def test_the_modes_accepted_are_wandbs():
-    from wandb.sdk.wandb_settings import Settings
+    import wandb
 
-    assert set(tracking.MODES) == set(typing.get_args(Settings.model_fields["mode"].annotation))
+    assert set(tracking.MODES) == set(typing.get_args(wandb.Settings.model_fields["mode"].annotation))
 
 
 def _run_guarded(code: str, timeout: float = 60) -> dict:

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from vitlab import __version__
+from vitlab.cpu import prepare_process
 from vitlab.errors import VitlabError, display_name, exit_code
 
 app = typer.Typer(
@@ -126,6 +127,50 @@ def show_params(params: ParamsOption = Path("params.yaml")) -> None:
     _echo(json.dumps(load_params(params).model_dump(by_alias=True, mode="json"), indent=2))
 
 
+@app.command("metrics")
+def show_metrics(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="metrics files (default: every stage's that exists)")
+    ] = None,
+) -> None:
+    """Print the pipeline's metrics one per line under their file: what `make repro` ends with, in 80 columns
+    where `dvc metrics show` puts every file's keys side by side."""
+    from vitlab.stages import Layout
+
+    layout = Layout()
+    stages = [layout.teacher_metrics, layout.train_metrics, layout.eval_metrics, layout.export_metrics]
+    paths = paths or [path for path in [*stages, layout.inference_metrics] if path.is_file()]
+    if not paths:
+        raise VitlabError("no metrics here yet: run the pipeline first (`dvc repro`)")
+    for path in paths:
+        try:
+            metrics = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VitlabError(f"{path}: no such metrics file") from None
+        except json.JSONDecodeError as error:
+            raise VitlabError(f"{path}: not JSON ({error})") from None
+        typer.echo(str(path))
+        for key, value in _flatten(metrics):
+            typer.echo(f"  {key:<34} {_number(value)}")
+
+
+def _flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf, as `dvc metrics show` names nested keys."""
+    rows: list[tuple[str, object]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        rows += _flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)]
+    return rows
+
+
+def _number(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 @app.command()
 def compare(
     run: Annotated[
@@ -205,15 +250,21 @@ def _integers(text: str, option: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app; a VitlabError or OSError is one line on stderr and exit code 2."""
+    """Entry point: sets up the CPU libraries before a command loads torch (vitlab.cpu.prepare_process), then
+    runs the app; a VitlabError or OSError is one line on stderr and exit code 2."""
     # The last guard for a name the file system holds but UTF-8 cannot (undecodable bytes from the command
     # line or a folder's listing): printed as a backslash escape, never a UnicodeEncodeError that loses the
     # lines after it. vitlab prints names through display_name; this catches any it does not.
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None and sys.stdout.errors == "strict":
         reconfigure(errors="backslashreplace")
+
+    def run() -> None:
+        prepare_process()
+        app(args=argv, prog_name="vitlab")  # click reports usage errors itself
+
     try:
-        return exit_code(lambda: app(args=argv, prog_name="vitlab"))  # click reports usage errors itself
+        return exit_code(run)
     except SystemExit as done:  # click ends every standalone run this way, success included
         return done.code if isinstance(done.code, int) else int(done.code is not None)
 

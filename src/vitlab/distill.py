@@ -23,6 +23,9 @@ from vitlab.errors import VitlabError
 
 # DeiT's weight of the distillation term for hard distillation: the two heads' losses count equally.
 ALPHA = 0.5
+# What the teacher stage writes in place of a teacher when model.distillation is off: models/teacher.pt stays
+# the DVC out that train depends on (deps cannot be conditional), at a few bytes instead of 94 s of training.
+NO_TEACHER = b"vitlab: no teacher trained (model.distillation is off)\n"
 
 
 def distillation_loss(
@@ -65,14 +68,15 @@ def load_teacher(path: str | Path, class_names: Sequence[str], geometry: tuple[i
     The teacher sees the student's normalized batches: the teacher stage trains it on the same training
     images, so with the same normalization.
 
-    Raises VitlabError naming ``path`` for a missing file (run the teacher stage), one that is not a
-    readable checkpoint, or a teacher of other images or other classes.
+    Raises VitlabError naming ``path`` for a missing file or ``NO_TEACHER`` (run the teacher stage with
+    model.distillation on), one that is not a readable checkpoint, or a teacher of other images or other
+    classes.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() or _starts_with(path, NO_TEACHER):
         raise VitlabError(
             f"{path}: no teacher model; a ViT with model.distillation learns from one: run the teacher stage "
-            "first (`vitlab stage teacher`; `dvc repro` runs it before train)"
+            "first with model.distillation on (`vitlab stage teacher`; `dvc repro` runs it before train)"
         )
     ckpt = load_checkpoint(path, geometry=geometry)
     if ckpt.class_names != list(class_names):
@@ -86,3 +90,8 @@ def load_teacher(path: str | Path, class_names: Sequence[str], geometry: tuple[i
             f"{differ}: retrain it on this dataset (`vitlab stage teacher`)"
         )
     return ckpt.model.requires_grad_(False)
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(prefix)) == prefix

@@ -431,7 +431,7 @@ class TrainParams(_FromDataset):
     cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix's Beta(alpha, alpha); 0: off")
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability per image")
     amp: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="bf16 autocast: auto turns it on on CUDA (it measured slower on CPU)"
+        "auto", description="bf16 autocast: auto where measured faster (vitlab.device.uses_bf16)"
     )
     compile: bool = Field(False, description="torch.compile the model (worth it on a GPU)")
     time_budget_s: TimeBudget = None

@@ -28,6 +28,7 @@ Each stage that logs (train, evaluate, attention) is its own run, told apart by 
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
 import threading
@@ -101,23 +102,29 @@ def _parse_mode(value: str, source: str) -> str:
 
 def _settings_files() -> list[tuple[Path, dict[str, str]]]:
     """The settings files W&B reads, each with its values: the workspace file first, as it overrides the
-    global one. W&B's own code finds and parses them, so the files are the ones ``wandb offline`` writes."""
-    from wandb.sdk.lib.settings_file import SettingsFiles
-    from wandb.sdk.wandb_settings import Settings
+    global one. Their places come from W&B's public ``wandb.Settings`` (the workspace file under ``root_dir``,
+    in ./.wandb when it exists); their format is the INI file ``wandb offline`` writes, whose ``[default]``
+    section W&B reads."""
+    import wandb
 
-    settings = Settings()
     # What wandb takes from WANDB_DIR (here: project_dir) and WANDB_USE_DOT_WANDB to place the workspace file.
+    settings = wandb.Settings(use_dot_wandb=_truth("WANDB_USE_DOT_WANDB"))
     settings.root_dir = str(project_dir())
-    settings.use_dot_wandb = _truth("WANDB_USE_DOT_WANDB")
-    # As wandb_setup._WandbSetup._load_settings finds the global file.
+    # The global file: $WANDB_CONFIG_DIR/settings, else ~/.config/wandb/settings (W&B's environment docs).
     config_dir = os.environ.get("WANDB_CONFIG_DIR")
-    global_file = (
-        Path(config_dir).expanduser() / "settings"
-        if config_dir
-        else Path("~/.config/wandb/settings").expanduser()
-    )
-    paths = [Path(settings.settings_workspace), global_file]
-    return [(path, SettingsFiles(global_settings=None, local_settings=path).all()) for path in paths]
+    global_file = Path(config_dir or "~/.config/wandb").expanduser() / "settings"
+    return [(path, _read_settings(path)) for path in (Path(settings.settings_workspace), global_file)]
+
+
+def _read_settings(path: Path) -> dict[str, str]:
+    """The ``[default]`` values of the settings file at ``path``; none where it is missing or unreadable (W&B
+    ignores such a file too, with a warning)."""
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except (OSError, configparser.Error):
+        return {}
+    return dict(parser["default"]) if parser.has_section("default") else {}
 
 
 def project_dir() -> Path:
@@ -128,14 +135,14 @@ def project_dir() -> Path:
 
 
 def _server_url(files: list[tuple[Path, dict[str, str]]] | None = None) -> str:
-    from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+    import wandb
 
     if os.environ.get("WANDB_BASE_URL"):
         return os.environ["WANDB_BASE_URL"]
     for _, values in files if files is not None else _settings_files():
         if values.get("base_url"):
             return values["base_url"]
-    return DEFAULT_BASE_URL
+    return wandb.Settings().base_url  # W&B's default server
 
 
 def _logged_in(files: list[tuple[Path, dict[str, str]]]) -> bool:
@@ -143,10 +150,12 @@ def _logged_in(files: list[tuple[Path, dict[str, str]]]) -> bool:
         return True
     if any(values.get("api_key") for _, values in files):
         return True
+    # W&B's own netrc reader, the one call outside its public API: no public call tells whether a key is
+    # stored without asking for one (wandb.login and wandb.Api prompt on a terminal), and only W&B knows
+    # which netrc machine `wandb login` writes for its server (api.forge.coreweave.com for wandb 0.31's
+    # default) and the older one it still accepts (api.wandb.ai). tests/test_tracking.py fails if it moves.
     from wandb.sdk.lib.wbauth import read_netrc_auth
 
-    # W&B's reader knows which netrc machine ``wandb login`` writes for the server (api.forge.coreweave.com by
-    # default) and the older one it still accepts (api.wandb.ai).
     try:
         return read_netrc_auth(host=_server_url(files)) is not None
     except Exception:  # a malformed key or server address: W&B could not log in with it either

@@ -27,7 +27,6 @@ on the machine's speed, so it is not reproducible.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from vitlab.checkpoint import UNREADABLE, Normalization, save_torch
 from vitlab.data.augment import BatchAugment
 from vitlab.data.prepared import PreparedDataset, Split
-from vitlab.device import hardware_description, select_device
+from vitlab.device import autocast, hardware_description, select_device, uses_bf16
 from vitlab.distill import BothHeads, distillation_loss
 from vitlab.distributed import World, process_group
 from vitlab.errors import VitlabError
@@ -258,7 +257,7 @@ def train(
         clock = _Clock(world, params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(params, steps_per_epoch, clock))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        watch = _Watch(world, params, steps_per_epoch)
+        watch = _Watch(world, params, steps_per_epoch, uses_bf16(params.amp, device, model))
 
         result, best_state, first_epoch = TrainResult(device=str(device)), None, 1
         state = _load_state(Path(state_path), digest, params, world) if state_path else None
@@ -297,7 +296,7 @@ def train(
                 x, targets = augment(images.index_select(0, idx), y, generator)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(params.amp, device):
+                with autocast(params.amp, device, model):
                     if teacher is None:
                         logits = net(x)
                         loss = F.cross_entropy(logits, targets, label_smoothing=params.label_smoothing)
@@ -423,8 +422,8 @@ class _Watch:
     reads them, every ``every`` steps and at the end of an epoch. Under DDP every process takes part in each
     read, so that all of them stop at the same step and none waits in a collective another has left."""
 
-    def __init__(self, world: World, params: TrainParams, steps_per_epoch: int):
-        self.world, self.params, self.steps_per_epoch = world, params, steps_per_epoch
+    def __init__(self, world: World, params: TrainParams, steps_per_epoch: int, bf16: bool):
+        self.world, self.params, self.steps_per_epoch, self.bf16 = world, params, steps_per_epoch, bf16
         self.every = _CHECK_EVERY.get(world.device.type, _CHECK_EVERY_ELSEWHERE)
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
@@ -452,7 +451,7 @@ class _Watch:
             f"lower train.learning_rate (now {params.learning_rate:g})",
             f"raise train.warmup_epochs (now {params.warmup_epochs:g})",
         ]
-        if _uses_bf16(params.amp, self.world.device):
+        if self.bf16:
             advice.append(
                 f"set train.amp to off (now {'bf16' if params.amp == 'bf16' else 'auto: bf16 here'})"
             )
@@ -497,14 +496,6 @@ def _speed_up(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-
-
-def _uses_bf16(amp: str, device: torch.device) -> bool:
-    return amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-
-
-def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(amp, device))
 
 
 def uses_channels_last(model: nn.Module) -> bool:

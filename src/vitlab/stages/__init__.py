@@ -15,8 +15,9 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from vitlab import files
 from vitlab.errors import VitlabError
 
 if TYPE_CHECKING:
@@ -36,9 +37,11 @@ class Layout:
     teacher: Path = Path("models/teacher.pt")  # the CNN a ViT with model.distillation learns from
     teacher_state: Path = Path("models/teacher_state.pt")  # resume point while training the teacher
     teacher_metrics: Path = Path("reports/teacher/metrics.json")
+    teacher_run: Path = Path("reports/teacher/run.json")  # the machine it trained on, in words
     checkpoint: Path = Path("models/model.pt")
     train_state: Path = Path("models/train_state.pt")  # resume point while training; deleted at the end
     train_metrics: Path = Path("reports/train/metrics.json")
+    train_run: Path = Path("reports/train/run.json")  # the machine, and what decides the bits (vitlab.cpu)
     train_history: Path = Path("reports/train/history.tsv")
     train_curves: Path = Path("reports/train/curves.png")
     train_gif: Path = Path("reports/train/curves.gif")  # the same curves growing epoch by epoch
@@ -55,13 +58,41 @@ class Layout:
     onnx_int8: Path = Path("models/model.int8.onnx")
     onnx_attention_dir: Path = Path("models/attention")  # model.onnx with an attention output, for a ViT
     export_metrics: Path = Path("reports/export/metrics.json")
+    export_run: Path = Path("reports/export/run.json")  # how the int8 model was quantized, in words
     predictions: Path = Path("reports/inference/predictions.csv")
     inference_metrics: Path = Path("reports/inference/metrics.json")
+    inference_run: Path = Path("reports/inference/run.json")  # the ONNX Runtime provider
 
     @classmethod
     def under(cls, root: Path) -> Layout:
         """The same layout below ``root`` instead of the working directory (tests, other checkouts)."""
         return cls(**{f.name: root / getattr(cls, f.name) for f in fields(cls)})
+
+
+def write_metrics(
+    metrics_path: Path, run_path: Path, metrics: dict[str, Any], words: dict[str, Any] | None = None
+) -> None:
+    """Write the numbers (and flags) of ``metrics`` to ``metrics_path``, and its strings with ``words`` to
+    ``run_path``, each file keeping the nesting: a metrics file holds what people compare across runs (`dvc
+    metrics show`, `dvc exp show`), the report beside it what describes the run (hardware, quantization)."""
+    numbers, strings = _split(metrics)
+    files.write_json(metrics_path, numbers)
+    files.write_json(run_path, strings | (words or {}))
+
+
+def _split(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    numbers: dict[str, Any] = {}
+    strings: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            inner_numbers, inner_strings = _split(value)
+            numbers |= {key: inner_numbers} if inner_numbers else {}
+            strings |= {key: inner_strings} if inner_strings else {}
+        elif isinstance(value, str):
+            strings[key] = value
+        else:
+            numbers[key] = value
+    return numbers, strings
 
 
 def stage_function(name: str) -> Callable[[Params, Layout], None]:

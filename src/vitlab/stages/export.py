@@ -20,7 +20,7 @@ from vitlab.export import (
 from vitlab.models import describe_model, has_attention
 from vitlab.params import Params
 from vitlab.presets import preset_of
-from vitlab.stages import Layout
+from vitlab.stages import Layout, write_metrics
 
 
 def run(params: Params, layout: Layout) -> None:
@@ -40,11 +40,11 @@ def run(params: Params, layout: Layout) -> None:
         export_onnx(model, path, names, norm, p.opset, metadata, with_attention, p.ort_fusions)
         check = verify_onnx(path, model, dataset.test.images, norm)
         metrics |= check if name == "fp32" else {name: check}  # fp32 at the top level, for `dvc metrics`
-        files.write_json(layout.export_metrics, metrics)
+        write_metrics(layout.export_metrics, layout.export_run, metrics)
         print(f"exported {path}: {ensure_parity(check, p.max_abs_diff, p.min_top1_agreement)}")
     quantize_onnx(layout.onnx, layout.onnx_int8, p.quantize, dataset.train.images[:512])
     int8 = compare_accuracy(layout.onnx, layout.onnx_int8, dataset.test.images, dataset.test.labels)
-    files.write_json(layout.export_metrics, metrics | {"int8": int8})
+    write_metrics(layout.export_metrics, layout.export_run, metrics | {"int8": int8})
     print(
         f"quantized ({p.quantize}) {layout.onnx_int8}: {ensure_int8_accuracy(int8, p.max_int8_accuracy_drop)}"
     )

@@ -8,7 +8,7 @@ from vitlab import files
 from vitlab.data.prepared import load_prepared
 from vitlab.inference import Classifier
 from vitlab.params import Params
-from vitlab.stages import Layout
+from vitlab.stages import Layout, write_metrics
 
 
 def run(params: Params, layout: Layout) -> None:
@@ -29,12 +29,10 @@ def run(params: Params, layout: Layout) -> None:
         ],
     )
     accuracy = float((predictions == test.labels).mean())
-    files.write_json(
+    write_metrics(
         layout.inference_metrics,
-        {
-            "onnxruntime_test_accuracy": round(accuracy, 6),
-            "onnxruntime_provider": classifier.providers[0],
-        },
+        layout.inference_run,
+        {"onnxruntime_test_accuracy": round(accuracy, 6), "onnxruntime_provider": classifier.providers[0]},
     )
     print(
         f"ONNX Runtime ({classifier.providers[0]}): test accuracy {accuracy:.4f} on {len(test)} images, "

@@ -7,13 +7,13 @@ import torch
 from vitlab import files
 from vitlab.checkpoint import save_checkpoint
 from vitlab.data.prepared import load_prepared
-from vitlab.device import compile_backend
+from vitlab.device import compile_backend, cpu_record
 from vitlab.distill import load_teacher
 from vitlab.distributed import is_main_process
 from vitlab.figures import animate_training, plot_training_curves
 from vitlab.models import build_model, count_parameters, distills
 from vitlab.params import Params
-from vitlab.stages import Layout
+from vitlab.stages import Layout, write_metrics
 from vitlab.tracking import Tracker
 from vitlab.train import train, training_data
 
@@ -62,7 +62,7 @@ def _run(params: Params, layout: Layout) -> None:
         plot_training_curves(result.history, layout.train_curves)
         animate_training(result.history, layout.train_gif)
         metrics = result.metrics(n_params, len(train_split))
-        files.write_json(layout.train_metrics, metrics)
+        write_metrics(layout.train_metrics, layout.train_run, metrics, {"cpu": cpu_record()})
         layout.train_state.unlink(missing_ok=True)  # every output saved: nothing left to resume
         tracker.summary(metrics)
         tracker.log_images({"training_curves": layout.train_curves, "training_progress": layout.train_gif})
