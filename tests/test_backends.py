@@ -19,7 +19,9 @@ from vitlab.errors import VitlabError
 def _stage(name: str, cwd: Path, cxx: str) -> subprocess.CompletedProcess:
     """``vitlab stage NAME`` with train.compile on, in a folder with no data, CXX (what TorchInductor reads
     for its compiler when it is imported) set to ``cxx``."""
-    (cwd / "params.yaml").write_text("train:\n  compile: true\n  device: cpu\n")
+    # The teacher stage trains only for a distilled model (else it writes a note and returns).
+    distill = "model:\n  distillation: true\n" if name == "teacher" else ""
+    (cwd / "params.yaml").write_text(f"{distill}train:\n  compile: true\n  device: cpu\n")
     env = dict(os.environ, CXX=cxx)
     command = [sys.executable, "-m", "vitlab.cli", "stage", name]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
