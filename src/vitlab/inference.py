@@ -15,7 +15,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -72,33 +72,44 @@ def load_image(
     byte for byte. An image over MAX_PIXELS (or Pillow's own limit) is refused before it is decoded; a
     channel count other than 1 or 3 is a VitlabError."""
     path = Path(path)
-    if channels not in _MODES:
-        raise VitlabError(f"models take 1 (grayscale) or 3 (RGB) channels, not {channels}")
     if not path.is_file():
         raise VitlabError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VitlabError(f"{path}: empty file")
+    return decode_image(path, str(path), image_size, channels)
+
+
+def decode_image(
+    source: Path | BinaryIO,
+    name: str,
+    image_size: int = _DEFAULT_DATA.image_size,
+    channels: int = _DEFAULT_DATA.channels,
+) -> np.ndarray:
+    """``load_image``'s decoding and conversion, of a file or of bytes in memory (``io.BytesIO``: what
+    ``vitlab serve`` receives), so both give the same pixels; its VitlabErrors start with ``name``."""
+    if channels not in _MODES:
+        raise VitlabError(f"models take 1 (grayscale) or 3 (RGB) channels, not {channels}")
     try:
         with warnings.catch_warnings():
             # Pillow warns (on stderr) past Image.MAX_IMAGE_PIXELS and refuses past twice that: the limit
             # below refuses what it warns about, in one line, so its warning is only noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # should a user lower Pillow's
                 if width * height > limit:
-                    raise VitlabError(f"{path}: {width}x{height} image exceeds the {limit:,}-pixel limit")
+                    raise VitlabError(f"{name}: {width}x{height} image exceeds the {limit:,}-pixel limit")
                 # JPEGs decode at 1/2-1/8 scale (DCT scaling) while keeping 4x the output size: a 12 MP photo
                 # loads several times faster, and the Lanczos step still antialiases what is left.
                 image.draft(_MODES[channels], (4 * image_size, 4 * image_size))
                 image.load()
                 return _to_model_input(ImageOps.exif_transpose(image), image_size, channels)
     except UnidentifiedImageError:
-        raise VitlabError(f"{path}: not an image Pillow can read") from None
+        raise VitlabError(f"{name}: not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
-        raise VitlabError(f"{path}: refused as a possible decompression bomb ({error})") from None
+        raise VitlabError(f"{name}: refused as a possible decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt, as each plugin reports it
-        raise VitlabError(f"{path}: unreadable image ({error})") from None
+        raise VitlabError(f"{name}: unreadable image ({error})") from None
 
 
 def _to_model_input(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
@@ -175,6 +186,7 @@ class Classifier:
 
         inputs = self._session.get_inputs()
         meta = self._session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, str] = dict(meta)  # the file's metadata_props, as export_onnx wrote them
         try:
             # Files exported before the geometry was recorded are all 32x32 RGB, as their input's shape says.
             self.image_size = int(meta.get("image_size", _DEFAULT_DATA.image_size))
@@ -273,12 +285,16 @@ def classify_files(
         if images:
             probabilities = iter(classifier.predict(np.stack(images), batch_size=batch_size))
             for prediction in (p for p in chunk if p.error is None):
-                row = next(probabilities)
-                best = np.argsort(-row, kind="stable")[:k]
-                prediction.labels = [names[i] for i in best]
-                prediction.probabilities = [float(row[i]) for i in best]
+                prediction.labels, prediction.probabilities = best_classes(next(probabilities), names, k)
         results += chunk
     return results
+
+
+def best_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> tuple[list[str], list[float]]:
+    """The k most probable of one image's (classes,) probabilities: labels and probabilities, best first
+    (ties in class order)."""
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [class_names[i] for i in best], [float(probabilities[i]) for i in best]
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
