@@ -33,6 +33,7 @@ from serving_fixtures import (
 
 from vitlab.cli import main
 from vitlab.export import export_onnx
+from vitlab.serve import listen
 
 # ORT computes in float32: logits of a few units carry ~1e-6 of rounding, which differs between batch
 # compositions; a probability moves by at most a quarter of its logit's change.
@@ -391,6 +392,29 @@ def test_a_bad_model_fails_at_start_with_one_line_before_the_port_opens(problem,
         "not vitlab's": "no valid vitlab metadata",
     }[problem]
     assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
+
+
+def test_connections_send_without_waiting_for_acks():
+    """asyncio turns Nagle's algorithm off only on sockets whose proto says TCP: with it on, every answer
+    (headers and body, two writes) waited ~40 ms for the client's delayed ACK."""
+
+    async def nodelay_of_an_accepted_connection() -> int:
+        sock = listen("127.0.0.1", 0)
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(
+                writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            )
+            writer.close()
+
+        async with await asyncio.start_server(handle, sock=sock):
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            nodelay = await accepted
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(nodelay_of_an_accepted_connection()) == 1
 
 
 async def _clients(url: str, files: dict[str, bytes], clients: int, requests: int, seed: int) -> list:

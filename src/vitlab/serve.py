@@ -638,10 +638,23 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on (host, port); port 0 picks a free one. OSError naming the problem."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family, backlog=2048)
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    # proto must say TCP (getaddrinfo's, not socket.create_server's 0): asyncio sets TCP_NODELAY only on
+    # sockets that do, and without it every answer, headers and body in two writes, waits ~40 ms for the
+    # client's delayed ACK (Nagle's algorithm).
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def url_of(sock: socket.socket) -> str:
@@ -681,7 +694,7 @@ def run(
     path = Path(model_path)
     classifier = Classifier(path, provider=provider, threads=threads)
     app = create_app(classifier, path.name, settings)
-    sock = _listen(host, port)
+    sock = listen(host, port)
     config = uvicorn.Config(
         app,
         log_config=_log_config(),
