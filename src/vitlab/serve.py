@@ -11,8 +11,9 @@ requests gather while the previous batch runs.
 
 The batcher is vitlab's own (``Batcher``) rather than the ``batched`` package (0.1.5): that one polls its
 queue every ``timeout_ms`` whatever is waiting (a lone request waits half of it on average), has no bound on
-its queue (nothing to answer 503 from), and fails a whole batch when one call raises. The models give an
-image the same answer in any batch (``vitlab.export`` checks it), so batching never changes an answer.
+its queue (nothing to answer 503 from), and fails a whole batch when one call raises. An image's answer does
+not depend on the batch it joins beyond float32 rounding (the export stage checks that the int8 model's top-1
+is the same at batch 1 and 256), so batching changes no answer.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class Batcher:
 
     ``submit`` queues one request's images and returns a future of their float64 (n, classes) probabilities;
     a request calls it inside ``incoming()``, which tells the batcher that more images may be on their way.
-    All methods but ``stop`` run on the event loop's thread.
+    Not thread-safe: every method is called on the event loop's thread.
     """
 
     def __init__(self, classifier: Classifier, settings: ServeSettings, metrics: Metrics):
@@ -165,11 +166,6 @@ class Batcher:
         # One ONNX Runtime call at a time: its own intra-op threads use the cores; two calls would contend.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vitlab-onnxruntime")
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def queued(self) -> int:
-        """Images waiting for a batch."""
-        return self._queued
 
     def start(self) -> None:
         """Start the worker: a warm-up batch of ``max_batch`` images (ONNX Runtime sizes its buffers for the
@@ -272,9 +268,9 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         if not jobs:
             return
-        images = np.concatenate([job.images for job in jobs]) if len(jobs) > 1 else jobs[0].images
-        self.metrics.batch_size.observe(len(images))
         try:
+            images = np.concatenate([job.images for job in jobs]) if len(jobs) > 1 else jobs[0].images
+            self.metrics.batch_size.observe(len(images))
             probabilities = await loop.run_in_executor(self._executor, self._classify, images)
         except Exception as error:  # each request of the batch answers 500 with its own log line
             for job in jobs:
@@ -414,16 +410,47 @@ class Health(BaseModel):
     status: str
 
 
+class Limits(BaseModel):
+    """What the server accepts (its options) and the pixel limit of every image."""
+
+    max_batch: int
+    max_wait_ms: float
+    queue_images: int
+    max_body_bytes: int
+    max_pixels: int
+
+
+class Metadata(BaseModel):
+    """/metadata: the model file's metadata, the providers it runs on, the server's limits."""
+
+    model: str = Field(description="the model file's name")
+    class_names: list[str] = Field(description="in logit order")
+    image_size: int = Field(description="images are converted to image_size x image_size")
+    channels: int = Field(description="3: RGB, 1: grayscale")
+    input_layout: str | None
+    mean: list[float] = Field(description="per channel, on pixels/255")
+    std: list[float]
+    arch: str | None
+    preset: str | None = Field(description="model.preset in params.yaml")
+    config: dict[str, Any] | None = Field(description="the architecture's full configuration")
+    dataset: str | None
+    test_accuracy: float | None = Field(description="of the run that exported it, on its test set")
+    params_sha256: str | None = Field(description="sha256 of the run's validated params")
+    quantization: str | None = Field(description="for an int8 model: how it was quantized")
+    providers: list[str] = Field(description="ONNX Runtime execution providers, first used first")
+    limits: Limits
+
+
 def model_metadata(classifier: Classifier, model_name: str, settings: ServeSettings) -> dict[str, Any]:
     """What /metadata answers: the model's classes, input geometry and normalization, architecture and preset,
-    test accuracy and params digest (from the file's metadata, written by ``vitlab export``), the ONNX Runtime
-    providers it runs on and the server's limits. VitlabError if the file's ``config`` is not JSON."""
+    test accuracy and params digest (from the file's metadata, written by the export stage), the ONNX Runtime
+    providers it runs on and the server's limits. VitlabError if its config or test_accuracy is invalid."""
     meta = classifier.metadata
     try:
         config = json.loads(meta["config"]) if "config" in meta else None
+        accuracy = float(meta["test_accuracy"]) if meta.get("test_accuracy") else None
     except ValueError as error:
-        raise VitlabError(f"{model_name}: no valid vitlab metadata (config: {error})") from None
-    accuracy = meta.get("test_accuracy") or None
+        raise VitlabError(f"{model_name}: no valid vitlab metadata ({error})") from None
     return {
         "model": model_name,
         "class_names": classifier.class_names,
@@ -436,7 +463,7 @@ def model_metadata(classifier: Classifier, model_name: str, settings: ServeSetti
         "preset": meta.get("model_preset") or None,
         "config": config,
         "dataset": meta.get("dataset"),
-        "test_accuracy": float(accuracy) if accuracy is not None else None,
+        "test_accuracy": accuracy,
         "params_sha256": meta.get("params_sha256") or None,
         "quantization": meta.get("quantization"),
         "providers": classifier.providers,
@@ -542,7 +569,7 @@ def create_app(classifier: Classifier, model_name: str, settings: ServeSettings 
         }
         return JSONResponse(body, status_code=422 if failures else 200)
 
-    @app.get("/metadata")
+    @app.get("/metadata", response_model=Metadata)
     async def get_metadata() -> dict[str, Any]:
         """The model's classes, input geometry and normalization, architecture, preset, test accuracy and
         params digest, with the server's limits."""
