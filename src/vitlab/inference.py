@@ -159,11 +159,15 @@ def _usable_providers() -> set[str]:
 class Classifier:
     """A vitlab ONNX model ready to classify uint8 images; ``predict`` may be called from many threads."""
 
-    def __init__(self, model_path: str | Path, provider: str = "auto", threads: int | None = None):
+    def __init__(
+        self, model_path: str | Path, provider: str = "auto", threads: int | None = None, spin: bool = True
+    ):
         """Open ``model_path`` on ``provider`` (see ``select_providers``) with ``threads`` intra-op threads
-        (None: ORT's default). Raises VitlabError naming the file when it is missing or not loadable, when
-        an explicitly chosen provider does not start, when its class_names/mean/std metadata is missing,
-        invalid or disagrees with the number of logits, or when its input is not float (N, channels,
+        (None: ORT's default). ``spin``: ORT's idle intra-op threads busy-wait for the next call (its default,
+        quickest for back-to-back calls); False for a process that has other work for the cores between
+        calls, such as ``vitlab serve``. Raises VitlabError naming the file when it is missing or not
+        loadable, when an explicitly chosen provider does not start, when its class_names/mean/std metadata is
+        missing, invalid or disagrees with the number of logits, or when its input is not float (N, channels,
         image_size, image_size) as its image_size/channels metadata says."""
         path = Path(model_path)
         if not path.is_file():
@@ -172,6 +176,8 @@ class Classifier:
         options.log_severity_level = 3  # errors only: ORT's warnings about graph details are not the user's
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = select_providers(provider)
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
