@@ -417,6 +417,14 @@ def test_connections_send_without_waiting_for_acks():
     assert asyncio.run(nodelay_of_an_accepted_connection()) == 1
 
 
+def test_a_port_in_use_is_one_line(model, capfd):
+    with listen("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        capfd.readouterr()
+        assert main(["serve", str(model), "--port", str(port)]) == 2
+    assert capfd.readouterr() == ("", f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n")
+
+
 async def _clients(url: str, files: dict[str, bytes], clients: int, requests: int, seed: int) -> list:
     """``clients`` concurrent clients, each sending ``requests`` requests of 1-8 of the files, one after the
     other: [(names sent, answer)]."""

@@ -666,21 +666,24 @@ class _Server(uvicorn.Server):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 picks a free one. OSError naming the problem."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    # proto must say TCP (getaddrinfo's, not socket.create_server's 0): asyncio sets TCP_NODELAY only on
-    # sockets that do, and without it every answer, headers and body in two writes, waits ~40 ms for the
-    # client's delayed ACK (Nagle's algorithm).
-    sock = socket.socket(family, kind, proto)
+    """A listening TCP socket on (host, port); port 0 picks a free one. VitlabError naming host and port when
+    the host is unknown or the port taken."""
+    sock = None
     try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        # proto must say TCP (getaddrinfo's, not socket.create_server's 0): asyncio sets TCP_NODELAY only on
+        # sockets that do, and without it every answer, headers and body in two writes, waits ~40 ms for the
+        # client's delayed ACK (Nagle's algorithm).
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
         sock.bind(address)
         sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
+    except OSError as error:
+        if sock is not None:
+            sock.close()
+        raise VitlabError(f"cannot listen on {host}:{port}: {one_line(error)}") from None
     return sock
 
 
