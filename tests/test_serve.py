@@ -32,7 +32,7 @@ from serving_fixtures import (
 )
 
 from vitlab.cli import main
-from vitlab.export import export_onnx
+from vitlab.export import export_onnx, quantize_onnx
 from vitlab.serve import listen
 
 # ORT computes in float32: logits of a few units carry ~1e-6 of rounding, which differs between batch
@@ -243,6 +243,30 @@ def test_predict_gives_the_answers_of_vitlab_predict_in_the_order_sent(server, i
             (prediction,) = raw.json()["predictions"]
             assert (prediction["part"], prediction["filename"], len(prediction["labels"])) == (1, None, 3)
             assert_same_answer(prediction, expected[path.name])
+
+
+@pytest.mark.parametrize("variant", ["int8", "attention"])
+def test_the_int8_and_attention_models_are_served_as_vitlab_predict_runs_them(
+    variant, model, images, tmp_path
+):
+    if variant == "int8":
+        served_model = quantize_onnx(model, tmp_path / "model.int8.onnx")
+    else:  # the ViT with its attention weights as a second output
+        path = tmp_path / "attention.onnx"
+        served_model = export_onnx(random_model("vit"), path, class_names(), NORM, with_attention=True)
+    expected = predict_cli(served_model, images[:4])
+    served = Server(served_model, tmp_path / "server.log")
+    try:
+        answer = served.client.post("/predict", files=multipart(images[:4]), params={"top_k": 10})
+        for prediction, path in zip(answer.json()["predictions"], images[:4], strict=True):
+            assert_same_answer(prediction, expected[path.name])
+        quantization = served.client.get("/metadata").json()["quantization"]
+        if variant == "int8":
+            assert quantization.startswith("weight_only int8")
+        else:
+            assert quantization is None
+    finally:
+        assert served.stop() == 0
 
 
 def test_each_error_has_its_status_a_one_line_reason_and_one_log_line(server, images, expected):
