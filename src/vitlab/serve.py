@@ -722,8 +722,9 @@ def run(
     are cut off."""
     settings = settings or ServeSettings()
     path = Path(model_path)
-    # Without spinning: between calls, the cores parse requests and decode images (2 ORT threads that
-    # spun on 2 cores took 2-3x the CPU per request and 2-5x the latency, one connection or 32).
+    # Without spinning: between calls, the cores parse requests and decode images. On 2 busy cores, 2 ORT
+    # threads that spun took 1.5-2.2x the server's CPU per request and up to 5x the latency (1 or 32
+    # connections).
     classifier = Classifier(path, provider=provider, threads=threads, spin=False)
     app = create_app(classifier, path.name, settings)
     sock = listen(host, port)
