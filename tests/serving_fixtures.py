@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import pickle
+import struct
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +91,15 @@ def export_plain_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     return path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` 8-bit gray pixels but holds a few: what a bomb's opening
+    looks like to Image.open, which reads no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 100)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")

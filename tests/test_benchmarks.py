@@ -280,3 +280,27 @@ def test_the_full_data_tables_paired_differences_are_each_runs_against_the_basel
     assert by_run["resnet"].startswith("| resnet | +33.3 [") and by_run["resnet"].endswith(" |  |")
     assert by_run["tinyvit"].startswith("| tinyvit | -33.3 [") and "| -66.7 [" in by_run["tinyvit"]
     assert not any("10 min" in line for line in lines)
+
+
+def test_the_serve_benchmark_compares_each_concurrency_with_the_mean_in_process_figures():
+    serve = load_benchmark("bench_serve")
+    before = {"batch1_img_s": 500.0, "p50_ms": 2.0, "p99_ms": 3.0, "img_s": 1000.0}
+    after = {"batch1_img_s": 250.0, "p50_ms": 4.0, "p99_ms": 5.0, "img_s": 3000.0}  # means: 3 ms, 2,000 img/s
+    loads = [
+        serve.Load(1, 4, 2.0, [4.0, 5.0, 6.0, 100.0], wrong=0),
+        serve.Load(8, 10, 1.0, [1.0] * 10, wrong=1),
+        serve.Load(64, 1500, 1.0, [2.0] * 1500, wrong=0),
+    ]
+    memory = {"warm": 100.0, 1: 100.5, 8: 101.0, 64: 102.0, "peak": 103.0}
+    lines = serve.markdown(before, after, loads, memory, threads=2).splitlines()
+    assert lines[2] == "| in process, batch 1 (before / after) | 500 / 250 | 2.00 / 4.00 | 3.00 / 5.00 | |"
+    assert lines[3] == "| in process, batch 256 (before / after) | 1,000 / 3,000 | | | |"
+    # 4 answers in 2 s; p50 5.5 ms, 2.5 ms over the mean 3 ms; 2 img/s of 2,000.
+    assert lines[4].startswith("| serve, 1 connection(s), 4 requests | 2 | 5.50 | ")
+    assert lines[4].endswith("| p50 +2.50 ms over batch 1; 0% of batch 256 img/s |")
+    assert (
+        lines[6]
+        == "| serve, 64 connection(s), 1,500 requests | 1,500 | 2.00 | 2.00 | 75% of batch 256 img/s |"
+    )
+    assert "on 2 ONNX Runtime thread(s); 1 answers differed" in lines[8]
+    assert lines[9].endswith("peak 103.0; growth after the warm-up +2.0.")

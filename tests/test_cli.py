@@ -26,7 +26,7 @@ def _vitlab(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.parametrize("command", [[], ["predict"], ["stage"], ["params"], ["compare"]])
+@pytest.mark.parametrize("command", [[], ["predict"], ["serve"], ["stage"], ["params"], ["compare"]])
 def test_every_command_has_help(command):
     done = _vitlab(*command, "--help")
     assert done.returncode == 0
@@ -73,7 +73,7 @@ def test_stage_runs_from_the_given_params_in_the_working_directory(tmp_path, mon
 
 def test_app_lists_its_commands():
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert names == {"predict", "stage", "params", "metrics", "compare"}
+    assert names == {"predict", "serve", "stage", "params", "metrics", "compare"}
 
 
 def _ready_to_evaluate(folder: Path) -> None:

@@ -1,19 +1,25 @@
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import threading
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving_fixtures import NORM, cifar_images, class_names, export_plain_onnx, random_model, save_pngs
+from serving_fixtures import (
+    NORM,
+    cifar_images,
+    class_names,
+    export_plain_onnx,
+    png_header,
+    random_model,
+    save_pngs,
+)
 
 from vitlab import inference
 from vitlab.errors import VitlabError
@@ -207,18 +213,6 @@ def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
     assert caught == []
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` 8-bit gray pixels but holds a few: what a bomb's opening
-    looks like to Image.open, which reads no pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    pixels = zlib.compress(b"\0" * 100)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     ("size", "refusal"),
     [
@@ -229,7 +223,7 @@ def _png_header(width: int, height: int) -> bytes:
 )
 def test_pillows_bomb_limits_are_a_clean_refusal_without_its_warning(tmp_path, size, refusal):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header(*size))
+    path.write_bytes(png_header(*size))
     assert size[0] * size[1] > Image.MAX_IMAGE_PIXELS  # Pillow's own check fires before vitlab's
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -242,7 +236,7 @@ def test_pillows_bomb_limits_are_a_clean_refusal_without_its_warning(tmp_path, s
 def test_vitlab_predict_refuses_a_bomb_with_one_line_and_nothing_else_on_stderr(vit, pngs, tmp_path):
     # A subprocess: under pytest a warning is collected by pytest instead of reaching stderr.
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_header(10_000, 9_000))
+    bomb.write_bytes(png_header(10_000, 9_000))
     good = pngs[1][0]
     done = subprocess.run(
         [

@@ -104,6 +104,32 @@ def _echo(text: str) -> None:
 
 
 @app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="an ONNX model exported by vitlab (models/model.onnx)")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one)")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="images per ONNX Runtime call, at most")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="how long a batch waits for more images, at most")
+    ] = 5.0,
+    queue: Annotated[
+        int, typer.Option(min=1, help="images waiting for a batch, at most (then 503); also per request")
+    ] = 1024,
+    threads: Annotated[int | None, typer.Option(min=1, help="intra-op threads (default: ORT's)")] = None,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
+    max_body_mb: Annotated[float, typer.Option(min=0, help="request body limit, MiB (then 413)")] = 32.0,
+    drain_timeout: Annotated[
+        float, typer.Option(min=0.001, help="seconds requests get to finish after SIGTERM")
+    ] = 30.0,
+) -> None:
+    """Serve the model over HTTP (POST /predict, /metadata, /metrics, /docs) with dynamic batching."""
+    from vitlab.serve import ServeSettings, run
+
+    settings = ServeSettings(max_batch, max_wait_ms, queue, max_body_mb, drain_timeout)
+    run(model, host, port, settings, provider, threads)
+
+
+@app.command()
 def stage(
     name: Annotated[
         str,

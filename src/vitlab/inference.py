@@ -18,7 +18,7 @@ import stat
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -80,9 +80,19 @@ def load_image(
     Pillow's own limit) is refused before it is decoded; a channel count other than 1 or 3 is a
     VitlabError."""
     path = Path(path)
+    return decode_image(_open_source(path), str(path), image_size, channels)
+
+
+def decode_image(
+    source: Path | BinaryIO,
+    name: str,
+    image_size: int = _DEFAULT_DATA.image_size,
+    channels: int = _DEFAULT_DATA.channels,
+) -> np.ndarray:
+    """``load_image``'s decoding and conversion, of a file or of bytes in memory (``io.BytesIO``: what
+    ``vitlab serve`` receives), so both give the same pixels; its VitlabErrors start with ``name``."""
     if channels not in _MODES:
         raise VitlabError(f"models take 1 (grayscale) or 3 (RGB) channels, not {channels}")
-    source = _open_source(path)
     try:
         with warnings.catch_warnings():
             # Pillow warns (on stderr) past Image.MAX_IMAGE_PIXELS and refuses past twice that: the limit
@@ -92,18 +102,18 @@ def load_image(
                 width, height = image.size
                 limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # should a user lower Pillow's
                 if width * height > limit:
-                    raise VitlabError(f"{path}: {width}x{height} image exceeds the {limit:,}-pixel limit")
+                    raise VitlabError(f"{name}: {width}x{height} image exceeds the {limit:,}-pixel limit")
                 # JPEGs decode at 1/2-1/8 scale (DCT scaling) while keeping 4x the output size: a 12 MP photo
                 # loads several times faster, and the Lanczos step still antialiases what is left.
                 image.draft(_MODES[channels], (4 * image_size, 4 * image_size))
                 image.load()
                 return _to_model_input(ImageOps.exif_transpose(image), image_size, channels)
     except UnidentifiedImageError:
-        raise VitlabError(f"{path}: not an image Pillow can read") from None
+        raise VitlabError(f"{name}: not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
-        raise VitlabError(f"{path}: refused as a possible decompression bomb ({error})") from None
+        raise VitlabError(f"{name}: refused as a possible decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt, as each plugin reports it
-        raise VitlabError(f"{path}: unreadable image ({error})") from None
+        raise VitlabError(f"{name}: unreadable image ({error})") from None
 
 
 def _open_source(path: Path) -> Path | io.BytesIO:
@@ -189,12 +199,15 @@ class Classifier:
         provider: str = "auto",
         threads: int | None = None,
         source: str = "provider",
+        spin: bool = True,
     ):
         """Open ``model_path`` on ``provider`` (see ``select_providers``) with ``threads`` intra-op threads
-        (None: ORT's default). Raises VitlabError naming the file when it is missing or not loadable, when
-        an explicitly chosen provider does not start (naming ``source``, the setting that chose it), when
-        its class_names/mean/std metadata is missing, invalid or disagrees with the number of logits, or
-        when its input is not float (N, channels, image_size, image_size) as its metadata says."""
+        (None: ORT's default). ``spin``: ORT's idle intra-op threads busy-wait for the next call (its default,
+        quickest for back-to-back calls); False for a process that has other work for the cores between
+        calls, such as ``vitlab serve``. Raises VitlabError naming the file when it is missing or not
+        loadable, when an explicitly chosen provider does not start (naming ``source``, the setting that
+        chose it), when its class_names/mean/std metadata is missing, invalid or disagrees with the number of
+        logits, or when its input is not float (N, channels, image_size, image_size) as its metadata says."""
         path = Path(model_path)
         if not path.is_file():
             raise VitlabError(f"{path}: no such model file")
@@ -202,6 +215,8 @@ class Classifier:
         options.log_severity_level = 3  # errors only: ORT's warnings about graph details are not the user's
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = select_providers(provider, source)
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
@@ -217,6 +232,7 @@ class Classifier:
 
         inputs = self._session.get_inputs()
         meta = self._session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, str] = dict(meta)  # the file's metadata_props, as export_onnx wrote them
         try:
             # Files exported before the geometry was recorded are all 32x32 RGB, as their input's shape says.
             self.image_size = int(meta.get("image_size", _DEFAULT_DATA.image_size))
@@ -332,12 +348,16 @@ def classify_files(
         if images:
             probabilities = iter(classifier.predict(np.stack(images), batch_size=batch_size))
             for prediction in (p for p in chunk if p.error is None):
-                row = next(probabilities)
-                best = np.argsort(-row, kind="stable")[:k]
-                prediction.labels = [names[i] for i in best]
-                prediction.probabilities = [float(row[i]) for i in best]
+                prediction.labels, prediction.probabilities = best_classes(next(probabilities), names, k)
         results += chunk
     return results
+
+
+def best_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> tuple[list[str], list[float]]:
+    """The k most probable of one image's (classes,) probabilities: labels and probabilities, best first
+    (ties in class order)."""
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [class_names[i] for i in best], [float(probabilities[i]) for i in best]
 
 
 def expand_inputs(inputs: list[str]) -> list[Path | BadInput]:
