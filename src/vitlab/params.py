@@ -49,7 +49,10 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 for an int key: `batch_size: true` would train with batches of one."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation not in (
+            bool,
+            bool | None,
+        ):
             raise ValueError(f"got {value}; expected a number or a choice, not true/false")
         return value
 
@@ -308,42 +311,52 @@ class ValidateParams(_FromDataset):
 
 
 class _ModelSection(Section):
-    """The model section: an architecture (``name``) or a ``preset``, and every architecture's keys (below).
+    """The model section: a ``preset`` or an architecture (``name``), and every architecture's keys (below).
 
-    params.yaml spells out the default run: the tinyvit preset's values. A preset starts from its own values:
-    a key still at the default run's value (or null, or absent) takes the preset's, and a key changed from it
-    overrides the preset, so ``-S model.preset=vit-c100 -S model.depth=8`` trains vit-c100 with 8 blocks.
-    ``-S model.name=resnet`` beside the default preset trains the named architecture with its own keys (as
-    ``model.preset: null`` does). After validation every key holds the value the model is built with.
+    The rule (a plain override): every key but ``preset`` is null unless set. A key that is set wins over the
+    preset; a null key takes the preset's value, else the architecture's default. So
+    ``-S model.preset=vit-c100 -S model.depth=8`` trains vit-c100 with 8 blocks, whatever the default run's
+    depth. With a preset, ``name`` is null or the preset's architecture; without one (``preset: null``) it
+    names the architecture (null: vit). A key set for another architecture than the one built (model.dim
+    beside a resnet) is an error, not ignored. After validation each key the architecture reads holds the
+    value the model is built with and the others are null (what ``vitlab params`` prints).
     """
 
-    preset: str | None = Field(
-        "tinyvit", description="a named architecture (vitlab.presets); keys changed beside it override it"
+    preset: str | None = Field("tinyvit", description="a named architecture (vitlab.presets); null: none")
+    name: Literal[tuple(CONFIGS)] | None = Field(  # type: ignore[valid-type]
+        "vit", description="the architecture: set by the preset, or with preset null chosen here"
     )
-    name: Literal[tuple(CONFIGS)] = "vit"  # type: ignore[valid-type]
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
-        default_preset, default_name = cls.model_fields["preset"].default, cls.model_fields["name"].default
-        name = raw.get("preset", default_preset)  # null: no preset
         given = {key: value for key, value in raw.items() if value is not None}
-        if name == default_preset and given.get("name", default_name) != default_name:
-            name = None  # `-S model.name=resnet` beside the default run's preset: the named architecture
-        if name is None:
-            return given | {"preset": None}
-        if name not in PRESETS:
-            raise ValueError(f"model.preset: got {name!r}; known presets: {', '.join(PRESETS)}")
-        preset = PRESETS[name]
-        if given.get("name", preset.arch) not in (preset.arch, default_name):
+        if given.get("name", "vit") not in CONFIGS:
+            return raw  # model.name reports it
+        preset_name = raw.get("preset", cls.model_fields["preset"].default)  # null: no preset
+        if preset_name is None:
+            arch, preset_config = given.get("name", "vit"), {}
+        elif preset_name not in PRESETS:
+            raise ValueError(f"model.preset: got {preset_name!r}; known presets: {', '.join(PRESETS)}")
+        else:
+            arch, preset_config = PRESETS[preset_name].arch, PRESETS[preset_name].config
+            if given.get("name", arch) != arch:
+                raise ValueError(
+                    f"model.name={given['name']} contradicts model.preset={preset_name} (a {arch}); "
+                    "set model.preset to null to choose the architecture by model.name"
+                )
+        reads = {key for key in CONFIGS[arch].model_fields if key not in FROM_DATA}
+        stray = [key for key in given if key not in reads | {"preset", "name"} and key in cls.model_fields]
+        if stray:
+            keys = ", ".join(f"model.{key}={given[key]}" for key in stray)
             raise ValueError(
-                f"model.name={given['name']} contradicts model.preset={name} (a {preset.arch}); "
-                "set model.preset to null to choose the architecture by model.name"
+                f"{keys}: not read by a {arch} (model.preset={preset_name}); set it to null or remove it"
             )
-        changed = {key: value for key, value in given.items() if not _is_default(cls, key, value)}
-        return given | {"name": preset.arch} | preset.config | changed
+        built = {key: CONFIGS[arch].model_fields[key].default for key in reads} | preset_config | given
+        unread = {key: None for key in cls.model_fields if key not in reads | {"preset", "name"}}
+        return built | unread | {"preset": preset_name, "name": arch}
 
     def config(
         self, num_classes: int | None = None, image_size: int | None = None, in_channels: int | None = None
@@ -359,13 +372,6 @@ class _ModelSection(Section):
         return config(**{k: v for k, v in data if v is not None}, **{key: getattr(self, key) for key in keys})
 
 
-def _is_default(section: type[BaseModel], key: str, value: Any) -> bool:
-    field = section.model_fields.get(key)
-    if field is None:
-        return False
-    return (tuple(value) if isinstance(value, list) else value) == field.default
-
-
 # Flat, so that `-S model.patch_size=2` addresses a key: every architecture's keys, each defined once in its
 # config above (dropout, which all four read, is one key).
 ModelParams = create_model(
@@ -373,7 +379,7 @@ ModelParams = create_model(
     __base__=_ModelSection,
     __doc__=_ModelSection.__doc__,
     **{
-        key: (field.annotation, field)
+        key: (field.annotation | None, field)  # null: the preset's value or the default (_apply_preset)
         for config in CONFIGS.values()
         for key, field in config.model_fields.items()
         if key not in FROM_DATA
@@ -407,6 +413,17 @@ class TrainParams(_FromDataset):
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw, or sgd with Nesterov momentum 0.9 (weight decay as L2 there)"
+    )
+    muon: bool = Field(False, description="Muon for the 2-D weight matrices but the head's (vitlab.optim)")
+    selective_decay: bool = Field(
+        False, description="no weight decay on norms, biases, position embeddings and tokens (vitlab.optim)"
+    )
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient L2 norm to this; null: off")
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="per-step decay of the weight average validated and saved; 0: off"
+    )
     warmup_epochs: WarmupEpochs = 3.0
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
