@@ -316,15 +316,15 @@ class _ModelSection(Section):
     The rule (a plain override): every key but ``preset`` is null unless set. A key that is set wins over the
     preset; a null key takes the preset's value, else the architecture's default. So
     ``-S model.preset=vit-c100 -S model.depth=8`` trains vit-c100 with 8 blocks, whatever the default run's
-    depth. With a preset, ``name`` is null or the preset's architecture; without one (``preset: null``) it
-    names the architecture (null: vit). A key set for another architecture than the one built (model.dim
-    beside a resnet) is an error, not ignored. After validation each key the architecture reads holds the
-    value the model is built with and the others are null (what ``vitlab params`` prints).
-    """
+    depth. With a preset, ``name`` is null or the preset's architecture; without one (``preset: null``, or
+    absent beside ``name``) it names the architecture (null: vit). A key set for another architecture than
+    the one built (model.dim beside a resnet) is an error, not ignored. After validation each key the
+    architecture reads holds the value the model is built with and the others are null (what ``vitlab
+    params`` prints)."""
 
     preset: str | None = Field("tinyvit", description="a named architecture (vitlab.presets); null: none")
-    name: Literal[tuple(CONFIGS)] | None = Field(  # type: ignore[valid-type]
-        "vit", description="the architecture: set by the preset, or with preset null chosen here"
+    name: Literal[tuple(CONFIGS)] = Field(  # type: ignore[valid-type]
+        "vit", description="the architecture: the preset's, or with preset null the one chosen here"
     )
 
     @model_validator(mode="before")
@@ -335,7 +335,8 @@ class _ModelSection(Section):
         given = {key: value for key, value in raw.items() if value is not None}
         if given.get("name", "vit") not in CONFIGS:
             return raw  # model.name reports it
-        preset_name = raw.get("preset", cls.model_fields["preset"].default)  # null: no preset
+        # null: no preset; absent: the default run's, unless model.name picks an architecture instead
+        preset_name = raw.get("preset", None if "name" in given else cls.model_fields["preset"].default)
         if preset_name is None:
             arch, preset_config = given.get("name", "vit"), {}
         elif preset_name not in PRESETS:
