@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from vitlab.errors import VitlabError
-from vitlab.params import Params, load_params, parse_params
+from vitlab.params import Params, TrainParams, load_params, parse_params
+from vitlab.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,3 +226,50 @@ def test_null_augmentation_and_validation_keys_take_the_datasets_defaults():
 def test_a_source_without_md5_is_valid_params_the_download_decides():
     # Only the files inside tell whether the copy is official (vitlab.data.archive.prepare_dataset).
     assert parse_params({"data": {"source": "mirror.tar.gz"}}).data.md5 is None
+
+
+def test_a_recipe_fills_the_train_keys_left_null_and_any_key_set_beside_it_wins():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # What `dvc exp run -S train.recipe=vit-budget -S train.time_budget_s=600` writes.
+    train = raw["train"] | {"recipe": "vit-budget", "time_budget_s": 600}
+    budget = parse_params(raw | {"train": train}).train
+    assert (budget.batch_size, budget.learning_rate, budget.epochs) == (32, 1e-3, None)
+    assert (budget.warmup_fraction, budget.warmup_epochs, budget.weight_decay) == (0.05, None, 0.05)
+    assert parse_params(raw | {"train": train | {"batch_size": 128}}).train.batch_size == 128
+    # A warmup in epochs set beside it replaces the recipe's share (and needs a number of epochs).
+    epochs = parse_params(raw | {"train": train | {"epochs": 30, "warmup_epochs": 2}}).train
+    assert (epochs.epochs, epochs.warmup_epochs, epochs.warmup_fraction) == (30, 2, None)
+    params = parse_params(raw | {"train": train})
+    assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_is_valid_train_keys_for_a_time_budget(name):
+    assert set(RECIPES[name].train) <= set(TrainParams.model_fields) - {"recipe", "device", "seed", "resume"}
+    params = TrainParams(recipe=name, time_budget_s=60)
+    assert all(getattr(params, key) == value for key, value in RECIPES[name].train.items())
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ({"recipe": "fast"}, "train.recipe: got 'fast'; known recipes: cnn-budget, resnet-budget"),
+        (
+            {"recipe": "vit-budget"},
+            "train.epochs=null trains until a time budget ends: set train.time_budget_s",
+        ),
+        (
+            {"warmup_epochs": 1, "warmup_fraction": 0.1},
+            "train.warmup_epochs and train.warmup_fraction are both set: set one",
+        ),
+        (
+            {"recipe": "vit-budget", "time_budget_s": 60, "warmup_epochs": 1},
+            "train.epochs=null: warm up over a share of the time budget, train.warmup_fraction",
+        ),
+        ({"warmup_fraction": 1.0}, "train.warmup_fraction: got 1.0; allowed: >= 0.0 and < 1.0"),
+    ],
+)
+def test_bad_recipes_and_warmups_are_one_line_errors(train, expected):
+    with pytest.raises(VitlabError) as error:
+        parse_params({"train": train})
+    assert expected in str(error.value) and "\n" not in str(error.value)

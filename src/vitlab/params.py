@@ -29,6 +29,7 @@ from pydantic import (
 from vitlab.data.sources import DATASETS, DEFAULT_DATASET, DatasetSpec
 from vitlab.errors import VitlabError, one_line
 from vitlab.presets import PRESETS
+from vitlab.recipes import RECIPES
 
 # The ONNX opsets an export works at, measured for every architecture: torch's exporter writes opset 18 and up
 # (Split's num_outputs fails the checker at 17), and ONNX Runtime 1.31 runs up to 25 (the ViT fails at 26).
@@ -391,6 +392,10 @@ ModelParams = create_model(
 # The length of a training run and its schedule, in the train section and (the teacher's run) the teacher's.
 Epochs = Annotated[int, Field(gt=0)]
 WarmupEpochs = Annotated[float, Field(ge=0.0, description="linear warmup, then cosine decay to 0")]
+WarmupFraction = Annotated[
+    float | None,
+    Field(ge=0.0, lt=1.0, description="the warmup's share of the run (of its time budget with one)"),
+]
 TimeBudget = Annotated[
     float | None,
     Field(gt=0.0, description="stop after so many seconds; the LR schedule follows time (not repeatable)"),
@@ -406,11 +411,18 @@ def _check_warmup(section: str, warmup_epochs: float, epochs: int) -> None:
 
 class TrainParams(_FromDataset):
     """train: the optimizer, schedule, augmentation and run settings ``vitlab.train.train`` reads; the crop
-    padding and flips default to the dataset's (DatasetSpec.crop_padding, flip)."""
+    padding and flips default to the dataset's (DatasetSpec.crop_padding, flip).
+
+    A ``recipe`` (vitlab.recipes) is applied the way ``model.preset`` is: a key set beside it wins, a null (or
+    absent) key takes the recipe's value, else its default. The warmup is ``warmup_epochs`` or, set instead,
+    ``warmup_fraction``, a share of the run (of its time budget with one); whichever of the two is set wins
+    over the recipe's, and the other is null after validation.
+    """
 
     section: ClassVar[str] = "train"
 
-    epochs: Epochs = 40
+    recipe: str | None = Field(None, description="a named recipe (vitlab.recipes); keys set beside it win")
+    epochs: int | None = Field(40, gt=0, description="null: no limit, until train.time_budget_s is spent")
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
@@ -425,7 +437,10 @@ class TrainParams(_FromDataset):
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="per-step decay of the weight average validated and saved; 0: off"
     )
-    warmup_epochs: WarmupEpochs = 3.0
+    warmup_epochs: float | None = Field(
+        3.0, ge=0.0, description="linear warmup, then cosine decay to 0; null with warmup_fraction"
+    )
+    warmup_fraction: WarmupFraction = None
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
     crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
@@ -447,9 +462,37 @@ class TrainParams(_FromDataset):
         True, description="continue an interrupted run of the same config after its last epoch"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        name = raw.get("recipe")
+        if name is not None and name not in RECIPES:
+            raise ValueError(f"train.recipe: got {name!r}; known recipes: {', '.join(RECIPES)}")
+        given = {key: value for key, value in raw.items() if value is not None}
+        if "warmup_epochs" in given and "warmup_fraction" in given:
+            raise ValueError(
+                "train.warmup_epochs and train.warmup_fraction are both set: set one (the other null)"
+            )
+        built = (RECIPES[name].train if name is not None else {}) | given
+        if "warmup_epochs" in given:
+            built["warmup_fraction"] = None
+        if built.get("warmup_fraction") is not None:
+            built["warmup_epochs"] = None
+        return built
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
-        _check_warmup("train", self.warmup_epochs, self.epochs)
+        if self.epochs is None and self.time_budget_s is None:
+            raise ValueError("train.epochs=null trains until a time budget ends: set train.time_budget_s")
+        if self.epochs is None and self.warmup_epochs is not None:
+            raise ValueError(
+                "train.epochs=null: warm up over a share of the time budget, train.warmup_fraction, "
+                "not train.warmup_epochs"
+            )
+        if self.warmup_epochs is not None and self.epochs is not None:
+            _check_warmup("train", self.warmup_epochs, self.epochs)
         return self
 
 
@@ -463,6 +506,7 @@ class TeacherParams(Section):
     )
     epochs: Epochs = 10
     warmup_epochs: WarmupEpochs = 1.0
+    warmup_fraction: WarmupFraction = None  # set: the warmup's share of the run, instead of warmup_epochs
     time_budget_s: TimeBudget = None
 
     @model_validator(mode="after")
@@ -473,12 +517,15 @@ class TeacherParams(Section):
     @classmethod
     def replaced_train_keys(cls) -> list[str]:
         """The train section's keys this section replaces for the teacher: epochs, warmup_epochs,
-        time_budget_s."""
+        warmup_fraction, time_budget_s."""
         return [key for key in cls.model_fields if key in TrainParams.model_fields]
 
     def recipe(self, train: TrainParams) -> TrainParams:
         """The teacher's training: the train section ``train`` with this section's ``replaced_train_keys``."""
-        return train.model_copy(update={key: getattr(self, key) for key in self.replaced_train_keys()})
+        update = {key: getattr(self, key) for key in self.replaced_train_keys()}
+        if self.warmup_fraction is not None:
+            update["warmup_epochs"] = None
+        return train.model_copy(update=update)
 
 
 class EvaluateParams(Section):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -169,11 +170,18 @@ class _Clock:
 
 
 def _lr_factor(params: TrainParams, steps_per_epoch: int, clock: _Clock) -> Callable[[int], float]:
-    """The schedule over steps, or with a time budget over milliseconds spent (warmup: the same share)."""
+    """The schedule over steps, or with a time budget over milliseconds spent; the warmup is
+    ``warmup_fraction`` of either, or ``warmup_epochs`` (with a time budget: the same share of ``epochs``)."""
     if params.time_budget_s is None:
-        return warmup_cosine(round(params.warmup_epochs * steps_per_epoch), params.epochs * steps_per_epoch)
+        total = params.epochs * steps_per_epoch
+        if params.warmup_fraction is not None:
+            return warmup_cosine(round(params.warmup_fraction * total), total)
+        return warmup_cosine(round(params.warmup_epochs * steps_per_epoch), total)
     budget_ms = round(params.time_budget_s * 1000)
-    by_time = warmup_cosine(round(params.warmup_epochs / params.epochs * budget_ms), budget_ms)
+    share = params.warmup_fraction
+    by_time = warmup_cosine(
+        round((params.warmup_epochs / params.epochs if share is None else share) * budget_ms), budget_ms
+    )
     return lambda _step: by_time(int(clock.elapsed_s * 1000))
 
 
@@ -241,7 +249,9 @@ def train(
             net = torch.compile(net)
         run.clock.start(state["wall_time_s"] if state is not None else 0.0)
 
-        for epoch in range(first_epoch, params.epochs + 1):
+        for epoch in (
+            itertools.count(first_epoch) if params.epochs is None else range(first_epoch, params.epochs + 1)
+        ):
             row = train_one_epoch(net, run, epoch)
             if val_split is not None:
                 row |= _validate(run.evaluated, val_split, norm, world.device)
@@ -537,7 +547,9 @@ class _Watch:
         params = self.params
         advice = [
             f"lower train.learning_rate (now {params.learning_rate:g})",
-            f"raise train.warmup_epochs (now {params.warmup_epochs:g})",
+            f"raise train.warmup_epochs (now {params.warmup_epochs:g})"
+            if params.warmup_fraction is None
+            else f"raise train.warmup_fraction (now {params.warmup_fraction:g})",
         ]
         if _uses_bf16(params.amp, self.world.device):
             advice.append(
@@ -622,7 +634,9 @@ def _load_state(path: Path, digest: str, params: TrainParams, world: World) -> d
         )
     if world.is_main:
         print(
-            f"resuming from {path} after epoch {state['epoch']}/{params.epochs}", file=sys.stderr, flush=True
+            f"resuming from {path} after epoch {state['epoch']}/{params.epochs or 'the time budget'}",
+            file=sys.stderr,
+            flush=True,
         )
     return state
 
