@@ -51,7 +51,9 @@ torch.save({{"history": result.history, "best": (result.best_epoch, result.best_
 
 
 def _child(state: Path, out: Path, options: dict, pause: float = 0.0, **kwargs) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    # The tests' helpers, then the code under test (a checkout's PYTHONPATH=src, as test_ddp does).
+    path = os.pathsep.join([str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = os.environ | {"PYTHONPATH": path}
     argv = [sys.executable, "-c", CHILD, str(state), str(out), str(pause), json.dumps(options)]
     return subprocess.Popen(argv, env=env, text=True, **kwargs)
 

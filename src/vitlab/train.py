@@ -1,4 +1,9 @@
-"""Training: AdamW, linear warmup + cosine decay, batched on-device augmentation, best-on-validation weights.
+"""Training: AdamW (or SGD, with Muon for the matrices: vitlab.optim), linear warmup + cosine decay, batched
+on-device augmentation, an optional weight average (EMA), best-on-validation weights.
+
+The shape of DeiT's engine: ``train`` is the driver (build, restore, then per epoch ``train_one_epoch``,
+validation, keeping the best weights and saving the state); ``_Run.build`` builds what the steps use once,
+``_restore`` puts a saved state back, and the divergence check is ``_Watch``.
 
 The whole training split sits in memory as one uint8 tensor on the training device; each step indexes a batch,
 augments it there (vitlab.data.augment) and feeds it to the model, so no per-image Python work happens in the
@@ -260,15 +265,7 @@ def train(
                 best_state = copy.deepcopy(run.evaluated.state_dict())
             result.history.append(row)
             if state_path:
-                progress = {
-                    "digest": digest,
-                    "epoch": epoch,
-                    "history": result.history,
-                    "best_epoch": result.best_epoch,
-                    "best_val_accuracy": result.best_val_accuracy,
-                    "best_model": _on_cpu(best_state),
-                }
-                _save_state(state_path, progress, run)
+                _save_state(state_path, run, digest, epoch, result, best_state)
             if world.is_main:
                 if on_epoch is not None:
                     on_epoch(row)
@@ -471,20 +468,32 @@ def _validate(
     }
 
 
-def _save_state(path: str | Path, progress: dict[str, Any], run: _Run) -> None:
-    """Rank 0 writes ``progress`` with the weights (and their average), the optimizers and schedule, and
-    every process's generators."""
+def _save_state(
+    path: str | Path,
+    run: _Run,
+    digest: str,
+    epoch: int,
+    result: TrainResult,
+    best_state: dict[str, torch.Tensor],
+) -> None:
+    """Rank 0 writes the state after ``epoch``: the weights (and their average), the optimizers and schedule,
+    every process's generators, the history so far and the best weights."""
     rng = run.world.gather(_rng_states(run.generator, run.world.device))  # a collective: every process's
     elapsed_s = run.clock.tick()
     if run.world.is_main:
-        ema = {} if run.ema is None else {"ema": _on_cpu(run.ema.state_dict())}
         state = {
+            "digest": digest,
+            "epoch": epoch,
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_model": _on_cpu(best_state),
             "wall_time_s": elapsed_s,
             "model": _on_cpu(run.model.state_dict()),
             "optimizer": run.optimizers.state_dict(),
             "rng": rng,
         }
-        save_torch(path, progress | state | ema)
+        save_torch(path, state | ({} if run.ema is None else {"ema": _on_cpu(run.ema.state_dict())}))
 
 
 # Steps the divergence check lets pass between two reads: reading waits for the device, which costs a CPU
