@@ -10,10 +10,10 @@
 Each model is trained from the same seed for a wall-clock budget (or a number of epochs: ``--epochs``) on
 all the training images (no validation split: the last weights are tested), on this machine's CPU cores,
 then tested on all 10,000 test images. Training is ``vitlab.train.train`` with ``time_budget_s`` and the
-recipe of ``benchmarks/time_to_accuracy.py`` (``OURS``: batch and peak learning rate per model, chosen on
-the CIFAR-10 subset), with one change: no RandAugment for the ViTs, since a 10-minute budget is 7-10 epochs
-of the full data, where RandAugment cost tinyvit 3.3 points on the subset; crop padding and flips are the
-dataset's (no flips for digits).
+budget recipes of ``vitlab.recipes`` (``train.recipe``: batch and peak learning rate per model, chosen on the
+CIFAR-10 subset), with one change to time_to_accuracy.py's choice: no RandAugment for the ViTs, since a
+10-minute budget is 7-10 epochs of the full data, where RandAugment cost tinyvit 3.3 points on the subset;
+crop padding and flips are the dataset's (no flips for digits).
 
 The runs:
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from time_to_accuracy import COMMON, EPOCH_CAP, OURS, label, load_archive, saved_rows
+from time_to_accuracy import label, load_archive, saved_rows
 
 from vitlab import files
 from vitlab.checkpoint import Normalization
@@ -66,17 +66,17 @@ ARCHIVES = {
     "cifar10": REPO.parent / "shared/data/cifar-10-full-python.tar.gz",
     "mnist": REPO.parent / "shared/data/mnist-full.tar.gz",
 }
-# name -> (preset, keys changed beside it, the OURS recipe it trains with)
+# name -> (preset, keys changed beside it, the recipe it trains with: train.recipe, vitlab.recipes)
 RUNS: dict[str, tuple[str, dict, str]] = {
-    "cnn-small": ("cnn-small", {}, "cnn-small"),
-    "resnet": ("resnet", {}, "resnet"),
-    "tinyvit": ("tinyvit", {}, "tinyvit"),
+    "cnn-small": ("cnn-small", {}, "cnn-budget"),
+    "resnet": ("resnet", {}, "resnet-budget"),
+    "tinyvit": ("tinyvit", {}, "vit-budget"),
     # --screen's choice (benchmarks/results/full_data_cifar10_screen.json): 52.5% on the 5,000 validation
     # images after 150 s, against tinyvit's 44.0%, mean pooling's 42.3% and sin-cos positions' 48.4%.
-    "vit-best": ("tinyvit", {"stem": "conv", "pool": "mean"}, "tinyvit"),
-    "vit-p2": ("tinyvit", {"patch_size": 2}, "tinyvit"),
-    "vit-p8": ("tinyvit", {"patch_size": 8}, "tinyvit"),
-    "cct-2-3x2": ("cct-2-3x2", {}, "tinyvit"),
+    "vit-best": ("tinyvit", {"stem": "conv", "pool": "mean"}, "vit-budget"),
+    "vit-p2": ("tinyvit", {"patch_size": 2}, "vit-budget"),
+    "vit-p8": ("tinyvit", {"patch_size": 8}, "vit-budget"),
+    "cct-2-3x2": ("cct-2-3x2", {}, "vit-budget"),
 }
 STUDY = ("cnn-small", "vit-p2", "tinyvit", "vit-p8")
 PAIRED_TO = ("cnn-small", "resnet")  # the .md's paired differences: every run against each of these
@@ -94,11 +94,16 @@ SCREEN_BUDGET_S = 150
 
 
 def recipe(name: str, spec: DatasetSpec, budget_s: float | None, epochs: int | None = None) -> TrainParams:
-    """The train section of OURS[name] on the CPU for ``budget_s`` seconds or ``epochs`` epochs, warming up
-    over the first 5% of either, with ``spec``'s crop padding and flips."""
-    epochs = epochs or EPOCH_CAP
-    options = COMMON | {"warmup_epochs": 0.05 * epochs, "crop_padding": spec.crop_padding, "flip": spec.flip}
-    return TrainParams(epochs=epochs, time_budget_s=budget_s, device="cpu", **OURS[name], **options)
+    """The train section of recipe ``name`` (vitlab.recipes) on the CPU for ``budget_s`` seconds or ``epochs``
+    epochs, warming up over the recipe's share of either, with ``spec``'s crop padding and flips."""
+    return TrainParams(
+        recipe=name,
+        epochs=epochs,
+        time_budget_s=budget_s,
+        device="cpu",
+        crop_padding=spec.crop_padding,
+        flip=spec.flip,
+    )
 
 
 def run(
@@ -159,7 +164,7 @@ def screen(data: PreparedDataset, spec: DatasetSpec, budget_s: float, out: Path)
         arch, config = preset_config("tinyvit", **changes)
         torch.manual_seed(0)
         model = build_model(arch, config | {"num_classes": data.num_classes})
-        params = recipe("tinyvit", spec, budget_s)
+        params = recipe("vit-budget", spec, budget_s)
         history = train(model, train_split, None, norm, params).history
         accuracy = evaluate(model, val_split, norm, data.num_classes).accuracy
         epochs = sum(row["images"] for row in history) / len(train_split)

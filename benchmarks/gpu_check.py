@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import platform
 import signal
@@ -54,7 +53,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from time_to_accuracy import COMMON, EPOCH_CAP, OURS
+from time_to_accuracy import RECIPE_OF
 from torch import nn
 
 import vitlab
@@ -330,10 +329,7 @@ class Check:
         train_split, val_split = split_train_val(self.data.train, held_out.val_fraction, held_out.seed)
         norm = Normalization.from_images(train_split.images)
         model = self.model(name)
-        options = OURS[name] | COMMON
-        params = TrainParams(
-            epochs=EPOCH_CAP, time_budget_s=self.sizes.cap_s, device=self.device.type, **options
-        )
+        params = TrainParams(recipe=RECIPE_OF[name], time_budget_s=self.sizes.cap_s, device=self.device.type)
         target = TARGETS[name]
         epochs: list[dict[str, float]] = []
         section |= {
@@ -344,7 +340,7 @@ class Check:
             "cap_s": self.sizes.cap_s,
             "train_images": len(train_split),
             "val_images": len(val_split),
-            "recipe": f"benchmarks/time_to_accuracy.py's: {json.dumps(options)}",
+            "recipe": f"vitlab.recipes' {RECIPE_OF[name]}",
             "epochs": epochs,
         }
         start = time.perf_counter()

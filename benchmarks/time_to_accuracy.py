@@ -12,9 +12,10 @@ from the same initial weights (those of the seed) is trained on the training ima
 (``--dataset``: ``../shared/data/cifar-10-subset-python.tar.gz``, 5,482 train / 1,017 test images, or the
 CIFAR-100 one, 1,117 / 916) until the budget is spent, then tested on its test images:
 
-- vitlab: ``vitlab.train.train`` with ``time_budget_s``: data in memory, batched crop and flip, AdamW, warmup
-  and a cosine decay that ends with the budget, label smoothing, RandAugment for tinyvit from 10 minutes on
-  (see ``OURS``; a preset without an entry takes its architecture's, ``ARCH_RECIPES``); ``--set KEY=VALUE``
+- vitlab: ``vitlab.train.train`` with ``time_budget_s`` and a named recipe of ``vitlab.recipes``
+  (``train.recipe`` in params.yaml): data in memory, batched crop and flip, AdamW, warmup and a cosine decay
+  that ends with the budget, label smoothing, RandAugment for the ViTs from 10 minutes on (see
+  ``RECIPE_OF``; a preset without an entry takes its architecture's, ``ARCH_RECIPES``); ``--set KEY=VALUE``
   changes a train key of it (a recipe to try);
 - seeds: what the educational ViT repositories this project started from do (the "seed" repositories; not
   to be confused with ``--seeds``, the training seeds): a per-image PIL pipeline (RandomCrop(32, 4),
@@ -77,24 +78,12 @@ RECIPES = ("vitlab", "seeds")
 BASELINE = (
     "resnet"  # the detail table's paired differences are to resnet's runs of the same recipe and budget
 )
-EPOCH_CAP = 100_000  # the budget ends every run long before; warmup_epochs / EPOCH_CAP: the warmup's share
-# Our recipe: AdamW (weight decay 0.05), warmup over the first 5% of the budget then a cosine decay that ends
-# with it, label smoothing 0.1, crop and flip; batch and peak learning rate per model, and RandAugment for the
-# ViT once the budget is long. Chosen by training a fixed number of epochs on this subset (comparisons that
-# machine load cannot skew): batches of 32-64 beat 128 at these short horizons. Over 86 epochs (tinyvit's 10
-# minutes) RandAugment took tinyvit from 57.5% to 61.7% (MixUp/CutMix: 59.4%): a ViT, without a CNN's built-in
-# locality, needs stronger augmentation once it has seen the images many times; within 1 minute (8 epochs)
-# it cost 3.3 points (39.6% against 42.9%).
-OURS = {
-    "cnn-small": {"batch_size": 64, "learning_rate": 3e-3},
-    "resnet": {"batch_size": 64, "learning_rate": 2e-3},
-    "tinyvit": {"batch_size": 32, "learning_rate": 1e-3},
-}
-# A preset without an OURS entry trains with its architecture's (until --select has chosen one for it).
-ARCH_RECIPES = {"vit": "tinyvit", "cnn": "cnn-small", "resnet": "resnet", "mlp": "cnn-small"}
+# The recipe (vitlab.recipes, where each is described and the choices are explained) each model trains with.
+RECIPE_OF = {"cnn-small": "cnn-budget", "resnet": "resnet-budget", "tinyvit": "vit-budget"}
+# A preset without a RECIPE_OF entry trains with its architecture's (until --select has chosen one for it).
+ARCH_RECIPES = {"vit": "vit-budget", "cnn": "cnn-budget", "resnet": "resnet-budget", "mlp": "cnn-budget"}
 LONG_BUDGET_S = 600
-OURS_LONG = {"tinyvit": {"augment": "randaugment"}}  # from LONG_BUDGET_S on
-COMMON = {"warmup_epochs": 0.05 * EPOCH_CAP, "label_smoothing": 0.1, "crop_padding": 4}
+LONG_RECIPES = {"vit-budget": "vit-budget-randaugment"}  # from LONG_BUDGET_S on
 SEED_BATCH, SEED_LR = 64, 1e-3
 
 
@@ -127,18 +116,18 @@ class Task:
     norm: Normalization  # of the training images the runs train on
 
 
-def recipe_of(name: str) -> str:
-    """The OURS entry preset ``name`` trains with: its own, else its architecture's (ARCH_RECIPES)."""
-    return name if name in OURS else ARCH_RECIPES[PRESETS[name].arch]
+def recipe_of(name: str, budget_s: float = 0.0) -> str:
+    """The recipe preset ``name`` trains with for ``budget_s`` seconds: its own, else its architecture's
+    (ARCH_RECIPES), the LONG_RECIPES one from LONG_BUDGET_S on."""
+    recipe = RECIPE_OF.get(name) or ARCH_RECIPES[PRESETS[name].arch]
+    return LONG_RECIPES.get(recipe, recipe) if budget_s >= LONG_BUDGET_S else recipe
 
 
 def our_recipe(name: str, model: nn.Module, task: Task, budget_s: float, seed: int, changes: dict) -> float:
-    """vitlab.train for ``budget_s`` seconds from ``seed`` with OURS's recipe for ``name`` and ``changes``
+    """vitlab.train for ``budget_s`` seconds from ``seed`` with ``recipe_of(name)`` and ``changes``
     (train keys) on top; returns the epochs done (the last one may be partial)."""
-    recipe = recipe_of(name)
-    options = OURS[recipe] | COMMON | (OURS_LONG.get(recipe, {}) if budget_s >= LONG_BUDGET_S else {})
     train_params = TrainParams(
-        epochs=EPOCH_CAP, time_budget_s=budget_s, device="cpu", seed=seed, **(options | changes)
+        recipe=recipe_of(name, budget_s), time_budget_s=budget_s, device="cpu", seed=seed, **changes
     )
     history = train(model, task.train, None, task.norm, train_params).history
     return sum(row["images"] for row in history) / len(task.train)
@@ -326,7 +315,7 @@ def parse_changes(pairs: list[str]) -> dict:
             sys.exit(f"error: --set {pair}: expected KEY=VALUE with KEY a train key")
         changes[key] = value
     try:
-        params = TrainParams(epochs=EPOCH_CAP, **(COMMON | changes))
+        params = TrainParams(recipe="vit-budget", time_budget_s=1.0, **changes)
     except ValueError as error:
         sys.exit(f"error: --set: {one_line(error)}")
     return {key: getattr(params, key) for key in changes}
@@ -391,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                     if run_key(row) in done:
                         continue
                     borrowed = (
-                        f" (OURS[{recipe_of(name)!r}])" if recipe == "vitlab" and name not in OURS else ""
+                        f" ({recipe_of(name, budget)})"
+                        if recipe == "vitlab" and name not in RECIPE_OF
+                        else ""
                     )
                     what = f"{name}, {recipe_label(row)}{borrowed}, {label(budget)}, seed {seed}"
                     print(f"{what} ...", file=sys.stderr, flush=True)

@@ -166,10 +166,11 @@ def test_the_time_to_accuracy_table_gives_seeds_mean_sd_interval_and_the_paired_
 
 def test_recipes_for_any_preset_and_changes_to_try():
     assert [tta.recipe_of(name) for name in ("resnet", "vit-p2", "cnn-small")] == [
-        "resnet",
-        "tinyvit",
-        "cnn-small",
+        "resnet-budget",
+        "vit-budget",
+        "cnn-budget",
     ]
+    assert tta.recipe_of("vit-p2", tta.LONG_BUDGET_S) == "vit-budget-randaugment"
     assert tta.parse_changes(["batch_size=32", "learning_rate=5e-4"]) == {
         "batch_size": 32,
         "learning_rate": 5e-4,

@@ -240,9 +240,9 @@ def test_the_label_is_what_was_built_never_the_raw_preset_param(arch, config, la
 
 def test_study_variants_are_one_vit_per_patch_size_and_the_cnn():
     assert compare.study_variants([2, 8], "s") == {
-        "s-p2": ["model.name=vit", "model.patch_size=2"],
-        "s-p8": ["model.name=vit", "model.patch_size=8"],
-        "s-cnn": ["model.name=cnn"],
+        "s-p2": ["++model.preset=null", "model.name=vit", "model.patch_size=2"],
+        "s-p8": ["++model.preset=null", "model.name=vit", "model.patch_size=8"],
+        "s-cnn": ["++model.preset=null", "model.name=cnn"],
     }
 
 
@@ -350,10 +350,10 @@ def test_runs_that_are_not_one_configurations_seeds_are_refused():
 def test_seed_variants_name_each_run_and_group_of_reads_the_names_back():
     variants = compare.seed_variants(compare.study_variants([4], "s"), [0, 3])
     assert variants == {
-        "s-p4-s0": ["model.name=vit", "model.patch_size=4", "train.seed=0"],
-        "s-p4-s3": ["model.name=vit", "model.patch_size=4", "train.seed=3"],
-        "s-cnn-s0": ["model.name=cnn", "train.seed=0"],
-        "s-cnn-s3": ["model.name=cnn", "train.seed=3"],
+        "s-p4-s0": ["++model.preset=null", "model.name=vit", "model.patch_size=4", "train.seed=0"],
+        "s-p4-s3": ["++model.preset=null", "model.name=vit", "model.patch_size=4", "train.seed=3"],
+        "s-cnn-s0": ["++model.preset=null", "model.name=cnn", "train.seed=0"],
+        "s-cnn-s3": ["++model.preset=null", "model.name=cnn", "train.seed=3"],
     }
     assert compare.group_of("s-p4-s3", 3) == "s-p4"
     assert compare.group_of("s-p4-s3", 2) is None  # the name does not match its own seed: a run of its own
@@ -413,9 +413,29 @@ def test_compare_run_with_seeds_runs_every_variant_once_per_seed(monkeypatch):
     names = ["study-p4-s0", "study-p4-s2", "study-cnn-s0", "study-cnn-s2"]
     assert [c[7] for c in commands] == names
     assert commands[1][8:] == [
-        *["-S", "train.epochs=5", "-S", "model.name=vit", "-S", "model.patch_size=4", "-S", "train.seed=2"]
+        *[
+            "-S",
+            "train.epochs=5",
+            "-S",
+            "++model.preset=null",
+            "-S",
+            "model.name=vit",
+            "-S",
+            "model.patch_size=4",
+            "-S",
+            "train.seed=2",
+        ]
     ]
-    assert commands[2][8:] == ["-S", "train.epochs=5", "-S", "model.name=cnn", "-S", "train.seed=0"]
+    assert commands[2][8:] == [
+        "-S",
+        "train.epochs=5",
+        "-S",
+        "++model.preset=null",
+        "-S",
+        "model.name=cnn",
+        "-S",
+        "train.seed=0",
+    ]
     assert not any("data.seed" in flag for c in commands for flag in c)  # one validation split for all seeds
     assert collected == {"names": names, "baseline": "study-cnn"}
 
@@ -542,8 +562,12 @@ def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monke
     assert (root / "params.yaml").read_text() == params  # untouched
     assert sorted(compare.finished_experiments(root)) == sorted(names)
     with pytest.raises(VitlabError, match=r"dvc exp run -n t-cnn failed \(exit \d+\); its output is above"):
-        compare.run_study({"t-cnn": ["model.name=cnn"]}, repo=root)  # the name is taken
-    assert compare.run_study({"t-cnn": ["model.name=cnn"]}, force=True, repo=root) == ["t-cnn"]
+        compare.run_study(
+            {"t-cnn": ["++model.preset=null", "model.name=cnn"]}, repo=root
+        )  # the name is taken
+    assert compare.run_study({"t-cnn": ["++model.preset=null", "model.name=cnn"]}, force=True, repo=root) == [
+        "t-cnn"
+    ]
 
     monkeypatch.chdir(root)
     run = use_fake_run(monkeypatch)

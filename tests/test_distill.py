@@ -187,7 +187,12 @@ def test_a_teacher_of_other_images_or_classes_is_a_one_line_error(tmp_path, save
 
 
 def test_the_teachers_recipe_is_the_train_section_with_its_own_length():
-    assert TeacherParams.replaced_train_keys() == ["epochs", "warmup_epochs", "time_budget_s"]
+    assert TeacherParams.replaced_train_keys() == [
+        "epochs",
+        "warmup_epochs",
+        "warmup_fraction",
+        "time_budget_s",
+    ]
     params = parse_params({"train": {"learning_rate": 1e-3, "time_budget_s": 60}, "teacher": {"epochs": 5}})
     recipe = params.teacher.recipe(params.train)
     assert (recipe.epochs, recipe.warmup_epochs, recipe.time_budget_s) == (5, 1.0, None)

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vitlab.errors import VitlabError
-from vitlab.params import Params, load_params, parse_params, read_yaml
+from vitlab.params import Params, TrainParams, load_params, parse_params, read_yaml
+from vitlab.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def test_committed_params_file_is_valid_and_complete():
         ({"teacher": {"epochs": 1}}, "teacher.warmup_epochs=1.0 must be smaller than teacher.epochs=1"),
         ({"model": {"drop_path": 1.0}}, "model.drop_path: got 1.0; allowed: >= 0.0 and < 1.0"),
         (
-            {"model": {"name": "resnet", "widths": [8, 16]}},
+            {"model": {"preset": "resnet", "widths": [8, 16]}},
             "model.widths has 2 stages but blocks 3",
         ),
         ({"data": {"dataset": "imagenet"}}, "data.dataset: got 'imagenet'; input should be 'cifar10-sample'"),
@@ -108,40 +110,76 @@ def test_bad_params_name_the_key(raw, expected):
     assert "\n" not in message
 
 
-def test_a_preset_fills_the_keys_left_unset_and_explicit_keys_override_it():
+def test_a_preset_fills_the_keys_left_null_and_any_key_set_beside_it_wins():
     params = parse_params({"model": {"preset": "vit-c100", "depth": 8, "dim": None, "pool": "mean"}})
     m = params.model
     assert (m.name, m.dim, m.heads, m.mlp_dim, m.dropout) == ("vit", 192, 8, 256, 0.1)  # the preset's
     assert (m.depth, m.pool) == (8, "mean")  # set beside it
+    assert (m.channels, m.widths) == (None, None)  # keys a vit does not read
     assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
-    resnet = parse_params({"model": {"preset": "resnet", "blocks": [2, 2, 2], "dim": 999}}).model
-    assert (resnet.name, resnet.widths, resnet.blocks) == ("resnet", (16, 32, 64), (2, 2, 2))
+    # A key set to the default run's value still wins: vit-small at dim 64 is not vit-small's dim 384.
+    small = parse_params({"model": {"preset": "vit-small", "dim": 64, "heads": 4}}).model
+    assert (small.dim, small.heads, small.depth, small.mlp_dim) == (64, 4, 7, 1536)
+    resnet = parse_params({"model": {"preset": "resnet", "blocks": [2, 2, 2]}}).model
+    assert (resnet.name, resnet.widths, resnet.blocks, resnet.dim) == (
+        "resnet",
+        (16, 32, 64),
+        (2, 2, 2),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            {"preset": "resnet", "dim": 999},
+            "model.dim=999: not read by a resnet (model.preset=resnet); set it to null or remove it",
+        ),
+        (
+            {"preset": None, "name": "cnn", "depth": 2, "hidden": [8]},
+            "model.depth=2, model.hidden=[8]: not read by a cnn (model.preset=None)",
+        ),
+        (
+            {"preset": "tinyvit", "name": "cnn"},
+            "model.name=cnn contradicts model.preset=tinyvit (a vit); set model.preset to null",
+        ),
+    ],
+)
+def test_a_key_the_architecture_does_not_read_or_another_architecture_is_an_error(model, expected):
+    with pytest.raises(VitlabError) as error:
+        parse_params({"model": model})
+    assert str(error.value).startswith(f"params: {expected}")
 
 
 def test_the_committed_params_file_is_the_default_run_and_a_preset_replaces_its_model():
     committed = load_params(REPO / "params.yaml")
-    assert committed == Params()  # the file spells out every default: it shows the run
-    assert (committed.model.preset, committed.model.dim, committed.train.learning_rate) == (
-        "tinyvit",
-        64,
-        2e-3,
-    )
-    raw = committed.model_dump(by_alias=True)
+    assert committed == Params()  # the file holds the defaults: it is the default run
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["model"]["preset"] == Params().model.preset
+    assert all(value is None for key, value in raw["model"].items() if key != "preset")  # null unless set
     # What `dvc exp run -S model.preset=vit-small` writes: only the preset changes in the file.
     small = parse_params(raw | {"model": raw["model"] | {"preset": "vit-small"}}).model
     assert (small.dim, small.depth, small.heads, small.mlp_dim) == (384, 7, 6, 1536)
-    # ... and with -S model.depth=8 beside it, the changed key overrides the preset.
+    # ... and with -S model.depth=8 beside it, the key set overrides the preset.
     deeper = parse_params(raw | {"model": raw["model"] | {"preset": "vit-small", "depth": 8}}).model
     assert (deeper.dim, deeper.depth) == (384, 8)
-    # -S model.name=resnet alone: the named architecture, the default preset set aside.
-    resnet = parse_params(raw | {"model": raw["model"] | {"name": "resnet"}}).model
+    # -S model.preset=null -S model.name=resnet: the named architecture with its own defaults.
+    resnet = parse_params(raw | {"model": raw["model"] | {"preset": None, "name": "resnet"}}).model
     assert (resnet.preset, resnet.name, resnet.widths) == (None, "resnet", (16, 32, 64))
 
 
 def test_null_model_keys_take_their_defaults():
     params = parse_params({"model": {"preset": None, "name": None, "dim": None, "channels": None}})
-    assert params.model == parse_params({}).model.model_copy(update={"preset": None})
-    assert (params.model.name, params.model.dim, params.model.channels) == ("vit", 64, (16, 32))
+    assert (params.model.name, params.model.dim, params.model.depth, params.model.channels) == (
+        "vit",
+        64,
+        6,
+        None,
+    )
+    cnn = parse_params({"model": {"preset": None, "name": "cnn"}}).model
+    assert (cnn.channels, cnn.dim) == ((16, 32), None)
+    assert parse_params({"model": {"name": "cnn"}}).model == cnn  # a name and no preset key: no preset
 
 
 def test_heads_need_not_divide_dim_with_an_explicit_head_dim():
@@ -187,7 +225,7 @@ def test_params_yaml_states_the_default_models_size():
 
     model = parse_params({}).model
     n = count_parameters(build_model(model.name, model.config(num_classes=10)))
-    assert f"# vit ({n:,} parameters for 10 classes)" in (REPO / "params.yaml").read_text()
+    assert f"# vit ({model.preset}: {n:,} parameters for 10 classes)" in (REPO / "params.yaml").read_text()
 
 
 def test_null_augmentation_and_validation_keys_take_the_datasets_defaults():
@@ -325,3 +363,50 @@ def test_params_files_are_read_by_the_one_loader_only():
 
     assert importing("yaml") == []
     assert importing("ruamel") == ["src/vitlab/params.py"]
+
+
+def test_a_recipe_fills_the_train_keys_left_null_and_any_key_set_beside_it_wins():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # What `dvc exp run -S train.recipe=vit-budget -S train.time_budget_s=600` writes.
+    train = raw["train"] | {"recipe": "vit-budget", "time_budget_s": 600}
+    budget = parse_params(raw | {"train": train}).train
+    assert (budget.batch_size, budget.learning_rate, budget.epochs) == (32, 1e-3, None)
+    assert (budget.warmup_fraction, budget.warmup_epochs, budget.weight_decay) == (0.05, None, 0.05)
+    assert parse_params(raw | {"train": train | {"batch_size": 128}}).train.batch_size == 128
+    # A warmup in epochs set beside it replaces the recipe's share (and needs a number of epochs).
+    epochs = parse_params(raw | {"train": train | {"epochs": 30, "warmup_epochs": 2}}).train
+    assert (epochs.epochs, epochs.warmup_epochs, epochs.warmup_fraction) == (30, 2, None)
+    params = parse_params(raw | {"train": train})
+    assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_is_valid_train_keys_for_a_time_budget(name):
+    assert set(RECIPES[name].train) <= set(TrainParams.model_fields) - {"recipe", "device", "seed", "resume"}
+    params = TrainParams(recipe=name, time_budget_s=60)
+    assert all(getattr(params, key) == value for key, value in RECIPES[name].train.items())
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ({"recipe": "fast"}, "train.recipe: got 'fast'; known recipes: cnn-budget, resnet-budget"),
+        (
+            {"recipe": "vit-budget"},
+            "train.epochs=null trains until a time budget ends: set train.time_budget_s",
+        ),
+        (
+            {"warmup_epochs": 1, "warmup_fraction": 0.1},
+            "train.warmup_epochs and train.warmup_fraction are both set: set one",
+        ),
+        (
+            {"recipe": "vit-budget", "time_budget_s": 60, "warmup_epochs": 1},
+            "train.epochs=null: warm up over a share of the time budget, train.warmup_fraction",
+        ),
+        ({"warmup_fraction": 1.0}, "train.warmup_fraction: got 1.0; allowed: >= 0.0 and < 1.0"),
+    ],
+)
+def test_bad_recipes_and_warmups_are_one_line_errors(train, expected):
+    with pytest.raises(VitlabError) as error:
+        parse_params({"train": train})
+    assert expected in str(error.value) and "\n" not in str(error.value)

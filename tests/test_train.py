@@ -314,7 +314,7 @@ from vitlab.cli import main
 
 if os.environ["RANK"] == "1":
     norms, calls = train._grad_norm, iter(range(1, 10**6))
-    train._grad_norm = lambda params: norms(params) * (math.inf if next(calls) == 6 else 1)
+    train._grad_norm = lambda params, clip: norms(params, clip) * (math.inf if next(calls) == 6 else 1)
 sys.exit(main(["stage", "train"]))
 """
 
@@ -323,7 +323,8 @@ def test_under_torchrun_every_process_stops_at_the_step_one_of_them_diverged(tmp
     _stage_folder(tmp_path, {"name": "mlp", "hidden": [8]}, {"warmup_epochs": 1})
     script = tmp_path / "stage.py"
     script.write_text(DDP_STAGE)
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run = subprocess.run(
         [*torchrun, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120

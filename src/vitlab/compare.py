@@ -509,9 +509,13 @@ def write_comparison(
 
 
 def study_variants(patch_sizes: Sequence[int], prefix: str) -> dict[str, list[str]]:
-    """The patch-size study as experiment name -> ``-S`` settings: one ViT per patch size, then the CNN."""
-    variants = {f"{prefix}-p{p}": ["model.name=vit", f"model.patch_size={p}"] for p in patch_sizes}
-    return variants | {f"{prefix}-cnn": ["model.name=cnn"]}
+    """The patch-size study as experiment name -> ``-S`` settings: one ViT per patch size, then the CNN, each
+    the architecture's defaults (no preset) with params.yaml's other model keys."""
+    vits = {
+        f"{prefix}-p{p}": ["++model.preset=null", "model.name=vit", f"model.patch_size={p}"]
+        for p in patch_sizes
+    }
+    return vits | {f"{prefix}-cnn": ["++model.preset=null", "model.name=cnn"]}
 
 
 def seed_variants(variants: dict[str, list[str]], seeds: Sequence[int]) -> dict[str, list[str]]:

@@ -28,6 +28,7 @@ from pydantic import (
 from vitlab.data.sources import DATASETS, DEFAULT_DATASET, DatasetSpec
 from vitlab.errors import VitlabError, one_line
 from vitlab.presets import PRESETS
+from vitlab.recipes import RECIPES
 
 # The ONNX opsets an export works at, measured for every architecture: torch's exporter writes opset 18 and up
 # (Split's num_outputs fails the checker at 17), and ONNX Runtime 1.31 runs up to 25 (the ViT fails at 26).
@@ -48,7 +49,10 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 for an int key: `batch_size: true` would train with batches of one."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation not in (
+            bool,
+            bool | None,
+        ):
             raise ValueError(f"got {value}; expected a number or a choice, not true/false")
         return value
 
@@ -320,42 +324,53 @@ class ValidateParams(_FromDataset):
 
 
 class _ModelSection(Section):
-    """The model section: an architecture (``name``) or a ``preset``, and every architecture's keys (below).
+    """The model section: a ``preset`` or an architecture (``name``), and every architecture's keys (below).
 
-    params.yaml spells out the default run: the tinyvit preset's values. A preset starts from its own values:
-    a key still at the default run's value (or null, or absent) takes the preset's, and a key changed from it
-    overrides the preset, so ``-S model.preset=vit-c100 -S model.depth=8`` trains vit-c100 with 8 blocks.
-    ``-S model.name=resnet`` beside the default preset trains the named architecture with its own keys (as
-    ``model.preset: null`` does). After validation every key holds the value the model is built with.
-    """
+    The rule (a plain override): every key but ``preset`` is null unless set. A key that is set wins over the
+    preset; a null key takes the preset's value, else the architecture's default. So
+    ``-S model.preset=vit-c100 -S model.depth=8`` trains vit-c100 with 8 blocks, whatever the default run's
+    depth. With a preset, ``name`` is null or the preset's architecture; without one (``preset: null``, or
+    absent beside ``name``) it names the architecture (null: vit). A key set for another architecture than
+    the one built (model.dim beside a resnet) is an error, not ignored. After validation each key the
+    architecture reads holds the value the model is built with and the others are null (what ``vitlab
+    params`` prints)."""
 
-    preset: str | None = Field(
-        "tinyvit", description="a named architecture (vitlab.presets); keys changed beside it override it"
+    preset: str | None = Field("tinyvit", description="a named architecture (vitlab.presets); null: none")
+    name: Literal[tuple(CONFIGS)] = Field(  # type: ignore[valid-type]
+        "vit", description="the architecture: the preset's, or with preset null the one chosen here"
     )
-    name: Literal[tuple(CONFIGS)] = "vit"  # type: ignore[valid-type]
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
-        default_preset, default_name = cls.model_fields["preset"].default, cls.model_fields["name"].default
-        name = raw.get("preset", default_preset)  # null: no preset
         given = {key: value for key, value in raw.items() if value is not None}
-        if name == default_preset and given.get("name", default_name) != default_name:
-            name = None  # `-S model.name=resnet` beside the default run's preset: the named architecture
-        if name is None:
-            return given | {"preset": None}
-        if name not in PRESETS:
-            raise ValueError(f"model.preset: got {name!r}; known presets: {', '.join(PRESETS)}")
-        preset = PRESETS[name]
-        if given.get("name", preset.arch) not in (preset.arch, default_name):
+        if given.get("name", "vit") not in CONFIGS:
+            return raw  # model.name reports it
+        # null: no preset; absent: the default run's, unless model.name picks an architecture instead
+        preset_name = raw.get("preset", None if "name" in given else cls.model_fields["preset"].default)
+        if preset_name is None:
+            arch, preset_config = given.get("name", "vit"), {}
+        elif preset_name not in PRESETS:
+            raise ValueError(f"model.preset: got {preset_name!r}; known presets: {', '.join(PRESETS)}")
+        else:
+            arch, preset_config = PRESETS[preset_name].arch, PRESETS[preset_name].config
+            if given.get("name", arch) != arch:
+                raise ValueError(
+                    f"model.name={given['name']} contradicts model.preset={preset_name} (a {arch}); "
+                    "set model.preset to null to choose the architecture by model.name"
+                )
+        reads = {key for key in CONFIGS[arch].model_fields if key not in FROM_DATA}
+        stray = [key for key in given if key not in reads | {"preset", "name"} and key in cls.model_fields]
+        if stray:
+            keys = ", ".join(f"model.{key}={given[key]}" for key in stray)
             raise ValueError(
-                f"model.name={given['name']} contradicts model.preset={name} (a {preset.arch}); "
-                "set model.preset to null to choose the architecture by model.name"
+                f"{keys}: not read by a {arch} (model.preset={preset_name}); set it to null or remove it"
             )
-        changed = {key: value for key, value in given.items() if not _is_default(cls, key, value)}
-        return given | {"name": preset.arch} | preset.config | changed
+        built = {key: CONFIGS[arch].model_fields[key].default for key in reads} | preset_config | given
+        unread = {key: None for key in cls.model_fields if key not in reads | {"preset", "name"}}
+        return built | unread | {"preset": preset_name, "name": arch}
 
     def config(
         self, num_classes: int | None = None, image_size: int | None = None, in_channels: int | None = None
@@ -371,13 +386,6 @@ class _ModelSection(Section):
         return config(**{k: v for k, v in data if v is not None}, **{key: getattr(self, key) for key in keys})
 
 
-def _is_default(section: type[BaseModel], key: str, value: Any) -> bool:
-    field = section.model_fields.get(key)
-    if field is None:
-        return False
-    return (tuple(value) if isinstance(value, list) else value) == field.default
-
-
 # Flat, so that `-S model.patch_size=2` addresses a key: every architecture's keys, each defined once in its
 # config above (dropout, which all four read, is one key).
 ModelParams = create_model(
@@ -385,7 +393,7 @@ ModelParams = create_model(
     __base__=_ModelSection,
     __doc__=_ModelSection.__doc__,
     **{
-        key: (field.annotation, field)
+        key: (field.annotation | None, field)  # null: the preset's value or the default (_apply_preset)
         for config in CONFIGS.values()
         for key, field in config.model_fields.items()
         if key not in FROM_DATA
@@ -396,6 +404,10 @@ ModelParams = create_model(
 # The length of a training run and its schedule, in the train section and (the teacher's run) the teacher's.
 Epochs = Annotated[int, Field(gt=0)]
 WarmupEpochs = Annotated[float, Field(ge=0.0, description="linear warmup, then cosine decay to 0")]
+WarmupFraction = Annotated[
+    float | None,
+    Field(ge=0.0, lt=1.0, description="the warmup's share of the run (of its time budget with one)"),
+]
 TimeBudget = Annotated[
     float | None,
     Field(gt=0.0, description="stop after so many seconds; the LR schedule follows time (not repeatable)"),
@@ -411,15 +423,36 @@ def _check_warmup(section: str, warmup_epochs: float, epochs: int) -> None:
 
 class TrainParams(_FromDataset):
     """train: the optimizer, schedule, augmentation and run settings ``vitlab.train.train`` reads; the crop
-    padding and flips default to the dataset's (DatasetSpec.crop_padding, flip)."""
+    padding and flips default to the dataset's (DatasetSpec.crop_padding, flip).
+
+    A ``recipe`` (vitlab.recipes) is applied the way ``model.preset`` is: a key set beside it wins, a null (or
+    absent) key takes the recipe's value, else its default. The warmup is ``warmup_epochs`` or, set instead,
+    ``warmup_fraction``, a share of the run (of its time budget with one); whichever of the two is set wins
+    over the recipe's, and the other is null after validation.
+    """
 
     section: ClassVar[str] = "train"
 
-    epochs: Epochs = 40
+    recipe: str | None = Field(None, description="a named recipe (vitlab.recipes); keys set beside it win")
+    epochs: int | None = Field(40, gt=0, description="null: no limit, until train.time_budget_s is spent")
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
-    warmup_epochs: WarmupEpochs = 3.0
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw, or sgd with Nesterov momentum 0.9 (weight decay as L2 there)"
+    )
+    muon: bool = Field(False, description="Muon for the 2-D weight matrices but the head's (vitlab.optim)")
+    selective_decay: bool = Field(
+        False, description="no weight decay on norms, biases, position embeddings and tokens (vitlab.optim)"
+    )
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient L2 norm to this; null: off")
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="per-step decay of the weight average validated and saved; 0: off"
+    )
+    warmup_epochs: float | None = Field(
+        3.0, ge=0.0, description="linear warmup, then cosine decay to 0; null with warmup_fraction"
+    )
+    warmup_fraction: WarmupFraction = None
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
     crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
@@ -441,9 +474,37 @@ class TrainParams(_FromDataset):
         True, description="continue an interrupted run of the same config after its last epoch"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        name = raw.get("recipe")
+        if name is not None and name not in RECIPES:
+            raise ValueError(f"train.recipe: got {name!r}; known recipes: {', '.join(RECIPES)}")
+        given = {key: value for key, value in raw.items() if value is not None}
+        if "warmup_epochs" in given and "warmup_fraction" in given:
+            raise ValueError(
+                "train.warmup_epochs and train.warmup_fraction are both set: set one (the other null)"
+            )
+        built = (RECIPES[name].train if name is not None else {}) | given
+        if "warmup_epochs" in given:
+            built["warmup_fraction"] = None
+        if built.get("warmup_fraction") is not None:
+            built["warmup_epochs"] = None
+        return built
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
-        _check_warmup("train", self.warmup_epochs, self.epochs)
+        if self.epochs is None and self.time_budget_s is None:
+            raise ValueError("train.epochs=null trains until a time budget ends: set train.time_budget_s")
+        if self.epochs is None and self.warmup_epochs is not None:
+            raise ValueError(
+                "train.epochs=null: warm up over a share of the time budget, train.warmup_fraction, "
+                "not train.warmup_epochs"
+            )
+        if self.warmup_epochs is not None and self.epochs is not None:
+            _check_warmup("train", self.warmup_epochs, self.epochs)
         return self
 
 
@@ -457,6 +518,7 @@ class TeacherParams(Section):
     )
     epochs: Epochs = 10
     warmup_epochs: WarmupEpochs = 1.0
+    warmup_fraction: WarmupFraction = None  # set: the warmup's share of the run, instead of warmup_epochs
     time_budget_s: TimeBudget = None
 
     @model_validator(mode="after")
@@ -467,12 +529,15 @@ class TeacherParams(Section):
     @classmethod
     def replaced_train_keys(cls) -> list[str]:
         """The train section's keys this section replaces for the teacher: epochs, warmup_epochs,
-        time_budget_s."""
+        warmup_fraction, time_budget_s."""
         return [key for key in cls.model_fields if key in TrainParams.model_fields]
 
     def recipe(self, train: TrainParams) -> TrainParams:
         """The teacher's training: the train section ``train`` with this section's ``replaced_train_keys``."""
-        return train.model_copy(update={key: getattr(self, key) for key in self.replaced_train_keys()})
+        update = {key: getattr(self, key) for key in self.replaced_train_keys()}
+        if self.warmup_fraction is not None:
+            update["warmup_epochs"] = None
+        return train.model_copy(update=update)
 
 
 class EvaluateParams(Section):
