@@ -464,17 +464,20 @@ def test_bad_seeds_are_one_line_errors_before_any_run(argv, message, monkeypatch
         # MNIST's 28 pixels take patch sizes 2 and 4 but not 8: the third run would have failed.
         (
             "data.dataset=mnist",
-            "experiment t-p8 (-S data.dataset=mnist -S model.name=vit -S model.patch_size=8): "
+            "experiment t-p8 (-S data.dataset=mnist -S ++model.preset=null "
+            "-S model.name=vit -S model.patch_size=8): "
             "model.patch_size=8 does not divide the image size 28",
         ),
         (
             "model.patch_szie=4",
-            "experiment t-p2 (-S model.patch_szie=4 -S model.name=vit -S model.patch_size=2): "
+            "experiment t-p2 (-S model.patch_szie=4 -S ++model.preset=null "
+            "-S model.name=vit -S model.patch_size=2): "
             "Could not override 'model.patch_szie'",
         ),
         (
             "params.yaml:train.amp=yes",
-            "experiment t-p2 (-S train.amp=yes -S model.name=vit -S model.patch_size=2): "
+            "experiment t-p2 (-S train.amp=yes -S ++model.preset=null "
+            "-S model.name=vit -S model.patch_size=2): "
             "train.amp: got 'yes'; input should be 'auto', 'bf16' or 'off'",
         ),
     ],
@@ -548,7 +551,7 @@ def test_the_study_runs_as_dvc_experiments_and_is_collected_back(tmp_path, monke
     root.mkdir()
     (root / "fake_stage.py").write_text(FAKE_STAGE)
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
-    params = "model:\n  preset: tinyvit\n  name: vit\n  patch_size: 4\n"
+    params = "model:\n  preset: tinyvit\n  name: null\n  patch_size: null\n"
     (root / "params.yaml").write_text(params)
     _git(root, "init", "-q")
     _git(root, "config", "user.email", "tests@vitlab.invalid")
