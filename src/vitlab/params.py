@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -33,6 +33,8 @@ from vitlab.presets import PRESETS
 # The ONNX opsets an export works at, measured for every architecture: torch's exporter writes opset 18 and up
 # (Split's num_outputs fails the checker at 17), and ONNX Runtime 1.31 runs up to 25 (the ViT fails at 26).
 OPSETS = (18, 25)
+# Test-time augmentation (evaluate.tta; vitlab.models.tta): the views each test image is predicted from.
+TTA_MODES = ("none", "flip", "flip_translate")
 # numpy's and torch's generators both take any seed in this range.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
@@ -49,7 +51,8 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 for an int key: `batch_size: true` would train with batches of one."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
             raise ValueError(f"got {value}; expected a number or a choice, not true/false")
         return value
 
@@ -107,6 +110,11 @@ class ViTConfig(ArchConfig):
         False,
         description="DeiT: a distillation token after CLS and a second head, taught by the teacher stage",
     )
+    whiten_stem: bool = Field(
+        False,
+        description="start the stem's first conv as a whitening of the training images' patches (airbench); "
+        "stem patch or conv",
+    )
 
     @model_validator(mode="after")
     def _geometry(self) -> ViTConfig:
@@ -135,6 +143,8 @@ class ViTConfig(ArchConfig):
                 "lsa=true (no token attends to itself) needs 2 tokens or more: "
                 f"patch_size={self.patch_size} with pool={self.pool} gives {self.num_tokens}"
             )
+        if self.whiten_stem and self.stem == "spt":
+            raise ValueError("whiten_stem=true needs a conv to whiten: stem=patch or stem=conv, not stem=spt")
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed=sincos needs dim={self.dim} to be divisible by 4")
         return self
@@ -213,11 +223,34 @@ class MLPConfig(ArchConfig):
     hidden: Widths = Field((512, 256), description="mlp: hidden layer widths")
 
 
+class AirbenchConfig(ArchConfig):
+    """airbench's CNN (``vitlab.models.airbench.Airbench``; Jordan, 2024, "94% on CIFAR-10 in 3.29 seconds
+    on a single GPU"): a frozen patch-whitening conv, then a conv group per width, each halving the side."""
+
+    group_widths: Widths = Field(
+        (64, 256, 256), description="airbench: output channels of each conv group (each halves the side)"
+    )
+    whiten_kernel: int = Field(
+        2, ge=1, le=5, description="airbench: side of the patches its first conv whitens (no padding)"
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_image(self) -> AirbenchConfig:
+        side = self.image_size - self.whiten_kernel + 1  # after the whitening conv
+        if side >> len(self.group_widths) < 1:
+            raise ValueError(
+                f"group_widths has {len(self.group_widths)} conv groups; a {self.image_size}-pixel image is "
+                f"{side} pixels a side after the whitening conv and each group halves it"
+            )
+        return self
+
+
 CONFIGS: dict[str, type[ArchConfig]] = {
     "vit": ViTConfig,
     "cnn": CNNConfig,
     "resnet": ResNetConfig,
     "mlp": MLPConfig,
+    "airbench": AirbenchConfig,
 }
 FROM_DATA = ("num_classes", "image_size", "in_channels")  # set from the dataset, not from params.yaml
 
@@ -411,7 +444,9 @@ class TrainParams(_FromDataset):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
     crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
-    flip: bool = Field(description="random horizontal flips")
+    flip: bool | Literal["alternate"] = Field(
+        description="random horizontal flips; alternate: each image mirrored in every other epoch (airbench)"
+    )
     augment: Literal["none", "randaugment", "autoaugment"] = Field(
         "none", description="policy on the uint8 images, batched on the device (torchvision v2)"
     )
@@ -468,6 +503,11 @@ class EvaluateParams(Section):
 
     batch_size: int = Field(512, gt=0)
     num_mistakes: int = Field(16, gt=0, le=64, description="most confident mistakes drawn in mistakes.png")
+    tta: Literal[TTA_MODES] = Field(  # type: ignore[valid-type]
+        "none",
+        description="test-time augmentation, also inside the exported model: flip (2 views) or "
+        "flip_translate (6 views, airbench)",
+    )
 
 
 class AttentionParams(Section):
