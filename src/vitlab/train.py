@@ -54,8 +54,9 @@ from vitlab.distill import BothHeads, distillation_loss
 from vitlab.distributed import World, process_group
 from vitlab.errors import VitlabError
 from vitlab.evaluate import predict_logits
-from vitlab.models import describe_model, distills
+from vitlab.models import describe_model, distills, init_from_data
 from vitlab.models.vit import mean_of_heads
+from vitlab.models.whitening import WHITENING_IMAGES
 from vitlab.params import DataParams, TrainParams
 
 
@@ -225,6 +226,8 @@ def train(
                 "processes"
             )
         torch.manual_seed(params.seed + world.rank)  # dropout masks differ from one process to the next
+        # airbench's whitening conv, a ViT's whiten_stem: from the training images, before the digest sees it
+        init_from_data(model, norm.to_tensor(torch.as_tensor(train_split.images[:WHITENING_IMAGES])))
         digest = (
             run_digest(model, train_split, val_split, norm, params, world.size, teacher) if state_path else ""
         )
@@ -294,7 +297,7 @@ def train(
                     break
                 idx = order[step * local_batch : (step + 1) * local_batch]
                 y = labels[idx]
-                x, targets = augment(images.index_select(0, idx), y, generator)
+                x, targets = augment(images.index_select(0, idx), y, generator, idx, epoch)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(params.amp, device):
