@@ -52,7 +52,8 @@ class Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 for an int key: `batch_size: true` would train with batches of one."""
         annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
+        takes_booleans = annotation is bool or any(arg is True for arg in get_args(annotation))
+        if isinstance(value, bool) and not takes_booleans:
             raise ValueError(f"got {value}; expected a number or a choice, not true/false")
         return value
 
@@ -444,7 +445,7 @@ class TrainParams(_FromDataset):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
     crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
-    flip: bool | Literal["alternate"] = Field(
+    flip: Literal[True, False, "alternate"] = Field(
         description="random horizontal flips; alternate: each image mirrored in every other epoch (airbench)"
     )
     augment: Literal["none", "randaugment", "autoaugment"] = Field(

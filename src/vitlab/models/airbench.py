@@ -65,19 +65,24 @@ class Airbench(nn.Module):
         super().__init__()
         self.config = config
         width = 2 * config.in_channels * config.whiten_kernel**2
-        self.whiten = nn.Conv2d(config.in_channels, width, config.whiten_kernel)
-        self.whiten.weight.requires_grad_(False)
+        whiten = nn.Conv2d(config.in_channels, width, config.whiten_kernel)
+        whiten.weight.requires_grad_(False)
         groups: list[nn.Module] = []
         for width_out in config.group_widths:
             groups.append(ConvGroup(width, width_out))
             width = width_out
-        self.features = nn.Sequential(self.whiten, nn.GELU(), *groups)
+        self.features = nn.Sequential(whiten, nn.GELU(), *groups)
         self.head = nn.Sequential(
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
             nn.Dropout(config.dropout),
             nn.Linear(width, config.num_classes, bias=False),
         )
+
+    @property
+    def whiten(self) -> nn.Conv2d:
+        """The whitening conv, ``features[0]``."""
+        return self.features[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float images (B, C, H, W) -> logits (B, num_classes)."""
