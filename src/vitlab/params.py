@@ -66,7 +66,7 @@ _DEFAULT_DATA = DATASETS[DEFAULT_DATASET]
 
 class ArchConfig(Section):
     """What every architecture takes from the dataset rather than from params.yaml (by default the default
-    dataset's), and the dropout all four share. A checkpoint stores its model's config as a dict, so it
+    dataset's), and the dropout they all share. A checkpoint stores its model's config as a dict, so it
     rebuilds without params.yaml."""
 
     num_classes: int = Field(_DEFAULT_DATA.num_classes, gt=0)
@@ -401,7 +401,7 @@ def _is_default(section: type[BaseModel], key: str, value: Any) -> bool:
 
 
 # Flat, so that `-S model.patch_size=2` addresses a key: every architecture's keys, each defined once in its
-# config above (dropout, which all four read, is one key).
+# config above (dropout, which all of them read, is one key).
 ModelParams = create_model(
     "ModelParams",
     __base__=_ModelSection,
