@@ -1,8 +1,16 @@
+import itertools
+
 import pytest
 import torch
 
 from vitlab.checkpoint import Normalization
-from vitlab.data.augment import POLICY_GROUP, BatchAugment, random_crop_flip, random_erasing
+from vitlab.data.augment import (
+    POLICY_GROUP,
+    BatchAugment,
+    alternating_flips,
+    random_crop_flip,
+    random_erasing,
+)
 from vitlab.errors import VitlabError
 
 
@@ -18,6 +26,56 @@ def test_flip_only_mirrors_some_images_exactly():
     kept = torch.tensor([y[i].equal(x[i]) for i in range(64)])
     assert (flipped | kept).all()
     assert 10 < flipped.sum() < 54
+
+
+def _mirrored(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Which images of ``after`` are exactly the mirror images of ``before``'s (asserting the rest are as
+    they were)."""
+    mirrored = torch.tensor([a.equal(b.flip(-1)) for a, b in zip(after, before, strict=True)])
+    kept = torch.tensor([a.equal(b) for a, b in zip(after, before, strict=True)])
+    assert (mirrored ^ kept).all()
+    return mirrored
+
+
+def test_alternating_flip_mirrors_each_image_exactly_once_in_any_two_consecutive_epochs():
+    # Images of random pixels: no image is its own mirror image.
+    images = torch.randint(0, 256, (500, 3, 8, 8), dtype=torch.uint8)
+    augment = BatchAugment(Normalization((0.0,) * 3, (1.0,) * 3), 0, crop_padding=0, flip="alternate")
+    order = torch.randperm(500)  # batches in a shuffled order, as training draws them
+
+    def mirrored_in(epoch: int) -> torch.Tensor:
+        flags = torch.zeros(500, dtype=torch.bool)
+        generator = torch.Generator().manual_seed(epoch)  # the batch draws play no part
+        for idx in order.split(64):
+            x, _ = augment(images[idx], torch.zeros(len(idx)), generator, indices=idx, epoch=epoch)
+            flags[idx] = _mirrored(augment.norm.normalize(images[idx]), x)
+        return flags
+
+    epochs = [mirrored_in(epoch) for epoch in range(1, 6)]
+    for first, second in itertools.pairwise(epochs):
+        assert (first ^ second).all()  # once as it is, once mirrored
+    assert epochs[0].equal(epochs[2]) and epochs[0].equal(epochs[4])
+    assert 200 < int(epochs[0].sum()) < 300  # half the images start mirrored
+    # A function of index and epoch alone: the same in any batch, order or process.
+    assert alternating_flips(torch.tensor([7, 3]), 3).tolist() == [bool(epochs[2][7]), bool(epochs[2][3])]
+
+
+def test_random_flips_leave_some_images_the_same_way_over_two_epochs():
+    # The contrast the alternating flip is for: drawn per epoch, a quarter of the images miss a side.
+    x = torch.randn(400, 3, 4, 4)
+    first, second = (
+        _mirrored(x, random_crop_flip(x, 0, True, torch.Generator().manual_seed(s))) for s in (1, 2)
+    )
+    assert 40 < int((first == second).sum()) < 360
+
+
+def test_the_alternating_flip_needs_indices_and_the_epoch():
+    augment = BatchAugment(Normalization((0.0,) * 3, (1.0,) * 3), 0, flip="alternate")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="indices and the epoch"):
+        augment(images, torch.zeros(2), torch.Generator())
+    with pytest.raises(VitlabError, match="unknown flip 'sometimes'"):
+        BatchAugment(Normalization((0.0,) * 3, (1.0,) * 3), 0, flip="sometimes")
 
 
 def test_crops_are_shifted_windows_of_the_zero_padded_image():

@@ -25,6 +25,8 @@ SMALL_VIT = {"dim": 32, "depth": 2, "heads": 4, "mlp_dim": 64}
         ("cnn", {"channels": [16, 32]}),
         ("resnet", {"widths": [8, 16], "blocks": [1, 2]}),
         ("mlp", {"hidden": [64]}),
+        ("airbench", {"group_widths": [8, 16, 16]}),
+        ("vit", SMALL_VIT | {"stem": "conv", "whiten_stem": True}),
     ],
 )
 def test_models_map_images_to_logits_and_rebuild_from_their_spec(arch, config):
@@ -162,6 +164,7 @@ def test_today_checkpoints_keep_loading():
         "pos_embed": "learned",
         "drop_path": 0.0,
         "distillation": False,
+        "whiten_stem": False,
     }
 
 
@@ -353,6 +356,7 @@ def test_unknown_architecture_or_config_key_is_a_clear_error():
     [
         ("vit", SMALL_VIT | {"stem": "conv", "pool": "mean", "pos_embed": "sincos", "drop_path": 0.1}),
         ("resnet", {"widths": [8, 16], "blocks": [1, 1]}),
+        ("airbench", {"group_widths": [8, 16, 16]}),
     ],
 )
 def test_new_architectures_export_to_onnx_and_match_pytorch(tmp_path, arch, config):

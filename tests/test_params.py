@@ -34,7 +34,7 @@ def test_committed_params_file_is_valid_and_complete():
         ({"model": {"heads": 3}}, "model.heads=3 does not divide model.dim=64"),
         (
             {"model": {"name": "vgg"}},
-            "model.name: got 'vgg'; input should be 'vit', 'cnn', 'resnet' or 'mlp'",
+            "model.name: got 'vgg'; input should be 'vit', 'cnn', 'resnet', 'mlp' or 'airbench'",
         ),
         (
             {"model": {"preset": "vit-huge"}},
@@ -63,6 +63,22 @@ def test_committed_params_file_is_valid_and_complete():
         ({"teacher": {"preset": "vgg"}}, "teacher.preset: got 'vgg'; input should be 'tinyvit', 'vit-tiny'"),
         ({"teacher": {"epochs": 1}}, "teacher.warmup_epochs=1.0 must be smaller than teacher.epochs=1"),
         ({"model": {"drop_path": 1.0}}, "model.drop_path: got 1.0; allowed: >= 0.0 and < 1.0"),
+        (
+            {"model": {"stem": "spt", "whiten_stem": True}},
+            "model.whiten_stem=true needs a conv to whiten: model.stem=patch or model.stem=conv",
+        ),
+        (
+            {"model": {"preset": "airbench", "group_widths": [8] * 5}},
+            "model.group_widths has 5 conv groups; a 32-pixel image is 31 pixels a side after the whitening",
+        ),
+        (
+            {"train": {"flip": "sometimes"}},
+            "train.flip: got 'sometimes'; input should be True, False or 'alternate'",
+        ),
+        (
+            {"evaluate": {"tta": "all"}},
+            "evaluate.tta: got 'all'; input should be 'none', 'flip' or 'flip_translate'",
+        ),
         (
             {"model": {"preset": "resnet", "widths": [8, 16]}},
             "model.widths has 2 stages but blocks 3",
@@ -180,6 +196,12 @@ def test_null_model_keys_take_their_defaults():
     cnn = parse_params({"model": {"preset": None, "name": "cnn"}}).model
     assert (cnn.channels, cnn.dim) == ((16, 32), None)
     assert parse_params({"model": {"name": "cnn"}}).model == cnn  # a name and no preset key: no preset
+
+
+@pytest.mark.parametrize("flip", [True, False, "alternate"])
+def test_train_flip_is_random_off_or_alternating(flip):
+    assert parse_params({"train": {"flip": flip}}).train.flip == flip
+    assert parse_params({"train": {"flip": None}}).train.flip is True  # CIFAR's default
 
 
 def test_heads_need_not_divide_dim_with_an_explicit_head_dim():

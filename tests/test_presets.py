@@ -29,6 +29,7 @@ EXPECTED_PARAMETERS = {
     ("cnn-small", 10): 25_578,
     ("resnet", 10): 272_474,  # ResNet-20
     ("mlp", 10): 1_707_274,
+    ("airbench", 10): 1_971_352,  # tests/test_airbench.py has the per-layer formula
 }
 
 
@@ -97,7 +98,9 @@ def test_preset_values_are_overridable_key_by_key():
 
 
 def test_unknown_presets_and_keys_are_one_line_errors():
-    with pytest.raises(VitlabError, match=r"unknown preset 'vit-huge' \(known: tinyvit, vit-tiny, .*, mlp\)"):
+    with pytest.raises(
+        VitlabError, match=r"unknown preset 'vit-huge' \(known: tinyvit, vit-tiny, .*, mlp, airbench\)"
+    ):
         preset_config("vit-huge")
     with pytest.raises(VitlabError, match="resnet config: dim: unknown key"):
         preset_config("resnet", dim=64)

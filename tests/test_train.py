@@ -15,11 +15,14 @@ from cifar_fakes import make_dataset, separable_split
 from vitlab import train as train_module
 from vitlab.checkpoint import Normalization
 from vitlab.cli import main
+from vitlab.data import augment as augment_module
+from vitlab.data.augment import alternating_flips
 from vitlab.data.prepared import Split, save_prepared
 from vitlab.device import select_device
 from vitlab.errors import VitlabError
 from vitlab.evaluate import evaluate
 from vitlab.models import build_model
+from vitlab.models.whitening import patch_whitening
 from vitlab.params import TrainParams, parse_params
 from vitlab.train import split_train_val, train, warmup_cosine
 
@@ -95,6 +98,32 @@ def test_same_seed_gives_identical_training_on_cpu(spec, options):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     h3, _ = _run(spec, data, **options | {"seed": 6})
     assert h3 != h1
+
+
+def test_airbench_trains_on_the_whitening_of_its_training_images():
+    data = separable_split(96, seed=3)
+    norm = Normalization.from_images(data.images)
+    model = build_model("airbench", {"num_classes": 2, "group_widths": [4, 8]})
+    params = TrainParams(epochs=1, batch_size=32, warmup_epochs=0, device="cpu")
+    train(model, data, None, norm, params)
+    whitening, _ = patch_whitening(norm.to_tensor(torch.as_tensor(data.images)), 2)
+    torch.testing.assert_close(model.whiten.weight, whitening)  # set before training, then frozen
+
+
+def test_the_alternating_flip_sees_every_training_image_once_per_epoch_with_its_epoch(monkeypatch):
+    calls = []
+
+    def recording(indices, epoch):
+        calls.append((epoch, indices.tolist()))
+        return alternating_flips(indices, epoch)
+
+    monkeypatch.setattr(augment_module, "alternating_flips", recording)
+    data = separable_split(80, seed=4)
+    _run(("cnn", {"num_classes": 2, "channels": [4]}), data, flip="alternate")
+    for epoch in (1, 2):
+        seen = [i for e, indices in calls if e == epoch for i in indices]
+        assert sorted(seen) == list(range(80))
+    assert {e for e, _ in calls} == {1, 2}
 
 
 def test_bf16_autocast_trains_a_float32_model():

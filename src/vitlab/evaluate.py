@@ -13,6 +13,7 @@ from torch import nn
 from vitlab.checkpoint import Normalization
 from vitlab.data.prepared import Split
 from vitlab.models import eval_mode
+from vitlab.models.tta import views_per_image, with_tta
 
 
 @torch.no_grad()
@@ -22,12 +23,19 @@ def predict_logits(
     norm: Normalization,
     batch_size: int,
     device: torch.device | str = "cpu",
+    tta: str = "none",
 ) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 (N, H, W, C) images, in eval mode, batch by batch."""
+    """Logits (N, classes) on the CPU for uint8 (N, H, W, C) images, in eval mode, batch by batch.
+
+    ``tta`` ("none", "flip", "flip_translate"; vitlab.models.tta) averages each image's logits over its
+    views, as the exported model does; a batch then holds ``batch_size`` views, so memory stays as without.
+    """
     images = torch.as_tensor(images)
+    batch_size = max(1, batch_size // views_per_image(tta))
     with eval_mode(model):
+        net = with_tta(model, tta)
         outputs = [
-            model(norm.to_tensor(images[i : i + batch_size].to(device))).float().cpu()
+            net(norm.to_tensor(images[i : i + batch_size].to(device))).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
     return torch.cat(outputs)
@@ -73,11 +81,13 @@ def evaluate(
     num_classes: int,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    tta: str = "none",
 ) -> EvalResult:
     """Score ``model`` on ``split`` (uint8 (N, H, W, C) images, int64 labels) in eval mode, batch by batch
     on ``device``: mean cross-entropy, accuracy, per-class accuracy, the (classes, classes) confusion matrix
-    (rows: true labels) and each image's prediction, confidence and loss."""
-    logits = predict_logits(model, split.images, norm, batch_size, device)
+    (rows: true labels) and each image's prediction, confidence and loss; with ``tta``, of the logits
+    averaged over each image's views (``predict_logits``)."""
+    logits = predict_logits(model, split.images, norm, batch_size, device, tta)
     labels = torch.as_tensor(split.labels)
     probabilities = logits.softmax(dim=1)
     confidences, predictions = probabilities.max(dim=1)

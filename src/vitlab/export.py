@@ -27,6 +27,7 @@ from vitlab.checkpoint import Normalization
 from vitlab.errors import VitlabError, one_line
 from vitlab.inference import Classifier
 from vitlab.models import describe_model, eval_mode, has_attention
+from vitlab.models.tta import with_tta
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -65,6 +66,7 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     with_attention: bool = False,
     ort_fusions: bool = False,
+    tta: str = "none",
 ) -> Path:
     """Write ``model`` as a single-file ONNX graph images (N, C, S, S) -> logits (N, classes), any N, where
     S x S x C is the geometry the model was built for (``config.image_size``, ``in_channels``), which the
@@ -75,11 +77,17 @@ def export_onnx(
 
     ``ort_fusions`` rewrites the graph with ONNX Runtime's fused operators (see ``fuse_for_onnxruntime``):
     faster in ONNX Runtime, but no longer plain ONNX, so other runtimes cannot load it.
+
+    ``tta`` ("flip", "flip_translate"; vitlab.models.tta) puts test-time augmentation inside the graph: its
+    logits are the average over each image's views, as ``vitlab.evaluate`` computes them with the same
+    ``tta``, at 2x or 6x the cost; the metadata's ``tta`` records it. Not with ``with_attention``.
     """
     path = Path(path)
     described = describe_model(model)
     if with_attention and not has_attention(model):
         raise VitlabError(f"{described['arch']} has no attention to export (with_attention needs a ViT)")
+    if with_attention and tta != "none":
+        raise VitlabError(f"test-time augmentation ({tta}) averages logits; the attention model has none")
     config = model.config
     props = {
         "class_names": json.dumps(list(class_names)),
@@ -90,6 +98,7 @@ def export_onnx(
         "input_layout": input_layout(config.image_size, config.in_channels),
         "arch": described["arch"],
         "config": json.dumps(described["config"]),
+        "tta": tta,
     }
     if with_attention:
         props["attention_layout"] = ATTENTION_LAYOUT
@@ -105,7 +114,7 @@ def export_onnx(
     with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _WithAttention(model) if with_attention else model,
+            _WithAttention(model) if with_attention else with_tta(model, tta),
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
@@ -153,13 +162,16 @@ def verify_onnx(
     images_uint8: np.ndarray,
     norm: Normalization,
     batch_size: int = 256,
+    tta: str = "none",
 ) -> dict[str, Any]:
-    """Run PyTorch and ONNX Runtime (CPU) on the same normalized images and compare their logits."""
+    """Run PyTorch and ONNX Runtime (CPU) on the same normalized images and compare their logits; with
+    ``tta``, PyTorch's are those of ``model`` under that test-time augmentation (``vitlab.evaluate``'s)."""
     onnx_path = Path(onnx_path)
     if len(images_uint8) == 0:
         raise VitlabError("no images to verify the ONNX export on")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     device = next(model.parameters()).device
+    model = with_tta(model, tta)
     batch_diffs: list[float] = []
     agree = 0
     with eval_mode(model), torch.no_grad():

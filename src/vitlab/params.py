@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,8 @@ from vitlab.recipes import RECIPES
 # The ONNX opsets an export works at, measured for every architecture: torch's exporter writes opset 18 and up
 # (Split's num_outputs fails the checker at 17), and ONNX Runtime 1.31 runs up to 25 (the ViT fails at 26).
 OPSETS = (18, 25)
+# Test-time augmentation (evaluate.tta; vitlab.models.tta): the views each test image is predicted from.
+TTA_MODES = ("none", "flip", "flip_translate")
 # numpy's and torch's generators both take any seed in this range.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
@@ -49,10 +51,10 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 for an int key: `batch_size: true` would train with batches of one."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation not in (
-            bool,
-            bool | None,
-        ):
+        annotation = cls.model_fields[info.field_name].annotation
+        args = get_args(annotation)
+        takes_booleans = annotation is bool or bool in args or any(arg is True for arg in args)
+        if isinstance(value, bool) and not takes_booleans:
             raise ValueError(f"got {value}; expected a number or a choice, not true/false")
         return value
 
@@ -65,7 +67,7 @@ _DEFAULT_DATA = DATASETS[DEFAULT_DATASET]
 
 class ArchConfig(Section):
     """What every architecture takes from the dataset rather than from params.yaml (by default the default
-    dataset's), and the dropout all four share. A checkpoint stores its model's config as a dict, so it
+    dataset's), and the dropout they all share. A checkpoint stores its model's config as a dict, so it
     rebuilds without params.yaml."""
 
     num_classes: int = Field(_DEFAULT_DATA.num_classes, gt=0)
@@ -110,6 +112,11 @@ class ViTConfig(ArchConfig):
         False,
         description="DeiT: a distillation token after CLS and a second head, taught by the teacher stage",
     )
+    whiten_stem: bool = Field(
+        False,
+        description="start the stem's first conv as a whitening of the training images' patches (airbench); "
+        "stem patch or conv",
+    )
 
     @model_validator(mode="after")
     def _geometry(self) -> ViTConfig:
@@ -138,6 +145,8 @@ class ViTConfig(ArchConfig):
                 "lsa=true (no token attends to itself) needs 2 tokens or more: "
                 f"patch_size={self.patch_size} with pool={self.pool} gives {self.num_tokens}"
             )
+        if self.whiten_stem and self.stem == "spt":
+            raise ValueError("whiten_stem=true needs a conv to whiten: stem=patch or stem=conv, not stem=spt")
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed=sincos needs dim={self.dim} to be divisible by 4")
         return self
@@ -216,11 +225,34 @@ class MLPConfig(ArchConfig):
     hidden: Widths = Field((512, 256), description="mlp: hidden layer widths")
 
 
+class AirbenchConfig(ArchConfig):
+    """airbench's CNN (``vitlab.models.airbench.Airbench``; Jordan, 2024, "94% on CIFAR-10 in 3.29 seconds
+    on a single GPU"): a frozen patch-whitening conv, then a conv group per width, each halving the side."""
+
+    group_widths: Widths = Field(
+        (64, 256, 256), description="airbench: output channels of each conv group (each halves the side)"
+    )
+    whiten_kernel: int = Field(
+        2, ge=1, le=5, description="airbench: side of the patches its first conv whitens (no padding)"
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_image(self) -> AirbenchConfig:
+        side = self.image_size - self.whiten_kernel + 1  # after the whitening conv
+        if side >> len(self.group_widths) < 1:
+            raise ValueError(
+                f"group_widths has {len(self.group_widths)} conv groups; a {self.image_size}-pixel image is "
+                f"{side} pixels a side after the whitening conv and each group halves it"
+            )
+        return self
+
+
 CONFIGS: dict[str, type[ArchConfig]] = {
     "vit": ViTConfig,
     "cnn": CNNConfig,
     "resnet": ResNetConfig,
     "mlp": MLPConfig,
+    "airbench": AirbenchConfig,
 }
 FROM_DATA = ("num_classes", "image_size", "in_channels")  # set from the dataset, not from params.yaml
 
@@ -387,7 +419,7 @@ class _ModelSection(Section):
 
 
 # Flat, so that `-S model.patch_size=2` addresses a key: every architecture's keys, each defined once in its
-# config above (dropout, which all four read, is one key).
+# config above (dropout, which all of them read, is one key).
 ModelParams = create_model(
     "ModelParams",
     __base__=_ModelSection,
@@ -456,7 +488,9 @@ class TrainParams(_FromDataset):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     # No defaults here: null or absent is the dataset's (_FromDataset).
     crop_padding: int = Field(ge=0, le=16, description="random crop after padding so many pixels")
-    flip: bool = Field(description="random horizontal flips")
+    flip: Literal[True, False, "alternate"] = Field(
+        description="random horizontal flips; alternate: each image mirrored in every other epoch (airbench)"
+    )
     augment: Literal["none", "randaugment", "autoaugment"] = Field(
         "none", description="policy on the uint8 images, batched on the device (torchvision v2)"
     )
@@ -545,6 +579,11 @@ class EvaluateParams(Section):
 
     batch_size: int = Field(512, gt=0)
     num_mistakes: int = Field(16, gt=0, le=64, description="most confident mistakes drawn in mistakes.png")
+    tta: Literal[TTA_MODES] = Field(  # type: ignore[valid-type]
+        "none",
+        description="test-time augmentation, also inside the exported model: flip (2 views) or "
+        "flip_translate (6 views, airbench)",
+    )
 
 
 class AttentionParams(Section):

@@ -96,6 +96,13 @@ PRESETS: dict[str, Preset] = {
         "ResNet-20: 3 stages of 3 BasicBlocks, widths 16-32-64",
     ),
     "mlp": Preset("mlp", {"hidden": (512, 256)}, "hidden layers 512, 256 on the flattened pixels"),
+    # Jordan (2024), "94% on CIFAR-10 in 3.29 seconds on a single GPU" (arXiv 2404.00498): airbench94's net.
+    "airbench": Preset(
+        "airbench",
+        {"group_widths": (64, 256, 256), "whiten_kernel": 2},
+        "airbench94: frozen 2x2 patch-whitening conv (24 ch), 3 conv groups 64-256-256 (conv-pool-BN-GELU-"
+        "conv-BN-GELU, dirac init), max pool, linear x 1/9",
+    ),
 }
 
 

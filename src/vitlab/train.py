@@ -60,9 +60,10 @@ from vitlab.distill import BothHeads, distillation_loss
 from vitlab.distributed import World, process_group
 from vitlab.errors import VitlabError
 from vitlab.evaluate import predict_logits
-from vitlab.models import describe_model, distills
+from vitlab.models import describe_model, distills, init_from_data
 from vitlab.models.vit import mean_of_heads
 from vitlab.optim import Optimizers, build_optimizers
+from vitlab.models.whitening import WHITENING_IMAGES
 from vitlab.params import DataParams, TrainParams
 
 
@@ -239,6 +240,8 @@ def train(
                 "processes"
             )
         torch.manual_seed(params.seed + world.rank)  # dropout masks differ from one process to the next
+        # airbench's whitening conv, a ViT's whiten_stem: from the training images, before the digest sees it
+        init_from_data(model, norm.to_tensor(torch.as_tensor(train_split.images[:WHITENING_IMAGES])))
         digest = (
             run_digest(model, train_split, val_split, norm, params, world.size, teacher) if state_path else ""
         )
@@ -407,7 +410,7 @@ def train_one_epoch(net: nn.Module, run: _Run, epoch: int) -> dict[str, float]:
             break
         idx = order[step * run.local_batch : (step + 1) * run.local_batch]
         y = run.labels[idx]
-        x, targets = run.augment(run.images.index_select(0, idx), y, run.generator)
+        x, targets = run.augment(run.images.index_select(0, idx), y, run.generator, idx, epoch)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(params.amp, device, run.model):

@@ -1,5 +1,8 @@
 """Model registry: build any architecture from its name and its config (vitlab.params: ViTConfig ...).
 
+Models with layers that start from the training images (airbench's whitening conv, a ViT with
+``whiten_stem``) get them from ``init_from_data``, called once before training.
+
 Checkpoints store ``describe_model(model)``, ``{"arch": name, "config": dict}``, beside the weights, so a
 checkpoint rebuilds its own model without params.yaml. Named configs live in ``vitlab.presets`` (plain
 data, which params validation reads without importing torch).
@@ -11,10 +14,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.models.airbench import Airbench
 from vitlab.models.cnn import CNN
 from vitlab.models.mlp import MLP
 from vitlab.models.resnet import ResNet
@@ -22,24 +27,32 @@ from vitlab.models.vit import ViT
 from vitlab.params import CONFIGS, ArchConfig
 from vitlab.presets import PRESETS, Preset
 
-MODELS: dict[str, type[nn.Module]] = {"vit": ViT, "cnn": CNN, "resnet": ResNet, "mlp": MLP}
+MODELS: dict[str, type[nn.Module]] = {
+    "vit": ViT,
+    "cnn": CNN,
+    "resnet": ResNet,
+    "mlp": MLP,
+    "airbench": Airbench,
+}
 
 __all__ = [
     "MODELS",
     "PRESETS",
     "Preset",
+    "batchnorm_biases",
     "build_model",
     "count_parameters",
     "describe_model",
     "distills",
     "eval_mode",
     "has_attention",
+    "init_from_data",
     "preset_config",
 ]
 
 
 def build_model(arch: str, config: ArchConfig | dict[str, Any]) -> nn.Module:
-    """A new model of architecture ``arch`` ("vit", "cnn", "resnet", "mlp") with ``config``: the
+    """A new model of architecture ``arch`` (a ``MODELS`` key) with ``config``: the
     architecture's config, or a dict of its keys (a checkpoint's; missing keys take their defaults).
 
     Raises VitlabError for an unknown architecture, an unknown key or an impossible config, naming it.
@@ -109,6 +122,26 @@ def distills(model: nn.Module) -> bool:
     """Whether ``model`` learns from a teacher (DeiT): a ViT with ``distillation`` on, whose training reads
     both heads (``forward_heads``, vitlab.distill)."""
     return bool(getattr(model.config, "distillation", False))
+
+
+def init_from_data(model: nn.Module, images: torch.Tensor) -> bool:
+    """Initialise the layers of ``model`` that start from the training images, in place; call it once on a
+    new model, before training (a checkpoint's weights already hold the result). ``images``: float
+    (N, C, H, W) training images, normalized as training feeds them; vitlab.models.whitening's
+    ``WHITENING_IMAGES`` of them are plenty. Returns whether ``model`` had such layers (airbench's whitening
+    conv, a ViT's stem with ``whiten_stem``); a model without them is left as it is."""
+    init = getattr(model, "init_from_data", None)
+    return bool(init(images)) if callable(init) else False
+
+
+def batchnorm_biases(model: nn.Module) -> list[nn.Parameter]:
+    """The biases (shifts) of ``model``'s BatchNorm layers: the parameters airbench trains at a higher
+    learning rate (Jordan, 2024), for an optimizer's parameter group. Empty for a model without BatchNorm."""
+    return [
+        m.bias
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
+    ]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,7 +17,9 @@ trained from scratch on small data are config fields:
 - ``lsa``: locality self-attention (Lee et al., 2021): a learned temperature per head, and no token attends
   to itself, so attention cannot stay on the token's own value;
 - ``pos_embed="sincos"``: fixed 2D sin-cos positions (as in MAE) instead of learned ones;
-- ``drop_path``: stochastic depth (Huang et al., 2016), its rate rising linearly over the blocks.
+- ``drop_path``: stochastic depth (Huang et al., 2016), its rate rising linearly over the blocks;
+- ``whiten_stem``: the first conv of the patch embedding or conv stem starts as a whitening of the training
+  images' patches (airbench: Jordan, 2024; ``init_from_data``, vitlab.models.whitening), and trains on.
 
 ``distillation`` makes it DeiT's distilled ViT (Touvron et al., 2021; facebookresearch/deit's
 DistilledVisionTransformer): a distillation token after the CLS token and a second head on it, which learns
@@ -38,6 +40,7 @@ from torch import nn
 
 from vitlab.compat import import_torchvision
 from vitlab.errors import VitlabError
+from vitlab.models.whitening import whiten_conv_
 from vitlab.params import ViTConfig
 
 CONV_STEM_WIDTH = 64  # CCT's in_planes: channels between its tokenizer's conv stages
@@ -169,6 +172,17 @@ class ViT(nn.Module):
     def grid_size(self) -> int:
         """Tokens per side of the patch grid (image_size // patch_size, for any stem)."""
         return self.config.grid_size
+
+    def init_from_data(self, images: torch.Tensor) -> bool:
+        """With ``config.whiten_stem``, set the stem's first conv (the patch embedding, or the conv stem's
+        first conv) to the whitening of ``images``' patches, float (N, C, H, W) normalized as training feeds
+        them: as many of the strongest components (with their negations) as it has output channels. Returns
+        whether it changed anything (False without ``whiten_stem``)."""
+        if not self.config.whiten_stem:
+            return False
+        stem = self.patch_embed
+        whiten_conv_(stem if isinstance(stem, nn.Conv2d) else stem[0], images)
+        return True
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, classes) and each layer's attention weights (depth, B, heads, T, T), where T is

@@ -23,7 +23,8 @@ def run(params: Params, layout: Layout) -> None:
     test = load_prepared(layout.prepared_dir).test
     ckpt = load_checkpoint(layout.checkpoint, device, test.geometry)
     names = ckpt.class_names
-    result = evaluate(ckpt.model, test, ckpt.normalization, len(names), params.evaluate.batch_size, device)
+    p = params.evaluate
+    result = evaluate(ckpt.model, test, ckpt.normalization, len(names), p.batch_size, device, p.tta)
     files.write_json(layout.eval_metrics, result.metrics())
     files.write_tsv(layout.per_class, result.per_class_rows(names))
     files.write_csv(layout.confusion, ["actual", "predicted"], result.confusion_pairs(test.labels, names))
@@ -43,7 +44,7 @@ def run(params: Params, layout: Layout) -> None:
             result.confidences,
             names,
             layout.mistakes_png,
-            params.evaluate.num_mistakes,
+            p.num_mistakes,
         ),
     }
     with Tracker(config=params.model_dump(by_alias=True), job_type="evaluate") as tracker:
@@ -53,4 +54,5 @@ def run(params: Params, layout: Layout) -> None:
         tracker.log_table(
             "test_predictions", header, [[im, *r.values()] for im, r in zip(test.images, rows, strict=True)]
         )
-    print(f"test accuracy {result.accuracy:.4f}, loss {result.loss:.4f} on {len(test)} images")
+    views = "" if p.tta == "none" else f" (test-time augmentation: {p.tta})"
+    print(f"test accuracy {result.accuracy:.4f}, loss {result.loss:.4f} on {len(test)} images{views}")

@@ -27,7 +27,8 @@ def run(params: Params, layout: Layout) -> None:
     """Export ``layout.checkpoint`` to ONNX; raise VitlabError when ONNX Runtime disagrees with PyTorch beyond
     ``export.max_abs_diff`` / ``min_top1_agreement``, when int8 loses more than ``max_int8_accuracy_drop``, or
     when any test image gets another int8 top-1 at batch 1 than in a full batch. The metrics are written
-    before each check, so a failed export leaves its evidence."""
+    before each check, so a failed export leaves its evidence. The model (fp32 and int8, not the attention
+    model) carries ``evaluate.tta`` inside its graph."""
     p, dataset = params.export, load_prepared(layout.prepared_dir)
     ckpt = load_checkpoint(layout.checkpoint, geometry=dataset.test.geometry)
     variants = {"fp32": (layout.onnx, False)}
@@ -37,8 +38,10 @@ def run(params: Params, layout: Layout) -> None:
     metadata, metrics = _metadata(params, layout, ckpt), {}
     for name, (path, with_attention) in variants.items():
         model, names, norm = ckpt.model, ckpt.class_names, ckpt.normalization
-        export_onnx(model, path, names, norm, p.opset, metadata, with_attention, p.ort_fusions)
-        check = verify_onnx(path, model, dataset.test.images, norm)
+        # The served model predicts as evaluation scored it: with its test-time augmentation, if any.
+        tta = "none" if with_attention else params.evaluate.tta
+        export_onnx(model, path, names, norm, p.opset, metadata, with_attention, p.ort_fusions, tta)
+        check = verify_onnx(path, model, dataset.test.images, norm, tta=tta)
         metrics |= check if name == "fp32" else {name: check}  # fp32 at the top level, for `dvc metrics`
         write_metrics(layout.export_metrics, layout.export_run, metrics)
         print(f"exported {path}: {ensure_parity(check, p.max_abs_diff, p.min_top1_agreement)}")
