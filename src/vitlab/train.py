@@ -62,8 +62,8 @@ from vitlab.errors import VitlabError
 from vitlab.evaluate import predict_logits
 from vitlab.models import describe_model, distills, init_from_data
 from vitlab.models.vit import mean_of_heads
-from vitlab.optim import Optimizers, build_optimizers
 from vitlab.models.whitening import WHITENING_IMAGES
+from vitlab.optim import Optimizers, build_optimizers
 from vitlab.params import DataParams, TrainParams
 
 
