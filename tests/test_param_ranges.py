@@ -4,6 +4,7 @@ values beyond each bound with the range in the message, and the code runs at the
 from __future__ import annotations
 
 import math
+import re
 import typing
 
 import numpy as np
@@ -16,7 +17,7 @@ from vitlab.data.prepared import Split
 from vitlab.errors import VitlabError
 from vitlab.export import export_onnx, verify_onnx
 from vitlab.models import build_model
-from vitlab.params import OPSETS, Params, TrainParams, parse_params
+from vitlab.params import CONFIGS, OPSETS, Params, TrainParams, parse_params
 from vitlab.train import split_train_val, train
 
 # Keys whose bound can only be reached together with another key (cross-field rules).
@@ -31,6 +32,15 @@ PARTNERS = {
     ("validate", "pixel_mean_max"): {"pixel_mean_min": 0.0},
     ("validate", "pixel_std_max"): {"pixel_std_min": 0.0},
 }
+
+
+def _section(alias: str, keys: dict) -> dict:
+    """``keys`` of section ``alias``, a model key beside the name of the architecture that reads it (a key
+    another architecture reads is an error: tests/test_params.py)."""
+    if alias != "model" or "name" in keys:
+        return {alias: keys}
+    arch = next(name for name in ("vit", *CONFIGS) if keys.keys() & CONFIGS[name].model_fields.keys())
+    return {alias: {"name": arch} | keys}
 
 
 def _bounds() -> list[tuple[str, str, str, float]]:
@@ -62,9 +72,9 @@ def test_each_bound_admits_its_edge_and_refuses_beyond_it_naming_the_range(secti
     partners = PARTNERS.get((alias, key), {})
     inside = bound if kind in ("ge", "le") else _step(bound, "le" if kind == "gt" else "ge")
     outside = _step(bound, kind) if kind in ("ge", "le") else bound
-    assert getattr(getattr(parse_params({alias: {key: inside} | partners}), section), key) == inside
+    assert getattr(getattr(parse_params(_section(alias, {key: inside} | partners)), section), key) == inside
     with pytest.raises(VitlabError, match=rf"{alias}\.{key}: got {outside!r}; allowed: .*{bound}"):
-        parse_params({alias: {key: outside} | partners})
+        parse_params(_section(alias, {key: outside} | partners))
 
 
 def test_every_enumerated_key_refuses_a_value_outside_its_choices_and_names_them():
@@ -75,9 +85,10 @@ def test_every_enumerated_key_refuses_a_value_outside_its_choices_and_names_them
                 continue
             choices = typing.get_args(info.annotation)
             with pytest.raises(
-                VitlabError, match=rf"{alias}\.{key}: got 'bogus'; input should be '{choices[0]}'"
+                VitlabError,
+                match=rf"{alias}\.{key}: got 'bogus'; input should be {re.escape(repr(choices[0]))}",
             ):
-                parse_params({alias: {key: "bogus"}})
+                parse_params(_section(alias, {key: "bogus"}))
 
 
 def _numeric_keys(kind: type) -> list[tuple[str, str]]:
@@ -94,13 +105,13 @@ def _numeric_keys(kind: type) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_no_float_key_takes_infinity_or_nan(section, key, value):
     with pytest.raises(VitlabError, match=rf"{section}\.{key}: got {value!r}; allowed: a finite number"):
-        parse_params({section: {key: value}})
+        parse_params(_section(section, {key: value}))
 
 
 @pytest.mark.parametrize(("section", "key"), _numeric_keys(int) + _numeric_keys(float))
 def test_no_numeric_key_reads_true_as_one(section, key):
     with pytest.raises(VitlabError, match=rf"{section}\.{key}: got True; expected a number"):
-        parse_params({section: {key: True}})
+        parse_params(_section(section, {key: True}))
 
 
 def _choices(section: str, key: str) -> tuple[str, ...]:
@@ -163,7 +174,7 @@ def test_training_runs_at_the_edge_of_every_train_key(edge):
     ids=str,
 )
 def test_models_build_and_train_at_the_edges_of_the_model_keys(model):
-    params = parse_params({"model": model})
+    params = parse_params(_section("model", model))
     torch.manual_seed(0)
     net = build_model(params.model.name, params.model.config(3))
     x = torch.randn(2, 3, 32, 32)

@@ -31,7 +31,7 @@ def test_committed_params_file_is_valid_and_complete():
             {"model": {"patch_size": 5}},
             "model.patch_size=5 does not divide the image size 32 (allowed: 1, 2, 4",
         ),
-        ({"model": {"heads": 3}}, "model.heads=3 does not divide model.dim=64"),
+        ({"model": {"heads": 3}}, "model.heads=3 does not divide model.dim=128"),  # cct-2-3x2's
         (
             {"model": {"name": "vgg"}},
             "model.name: got 'vgg'; input should be 'vit', 'cnn', 'resnet', 'mlp' or 'airbench'",
@@ -259,7 +259,12 @@ def test_null_augmentation_and_validation_keys_take_the_datasets_defaults():
     explicit = parse_params({"data": {"dataset": "mnist"}, "train": {"flip": True, "crop_padding": None}})
     assert (explicit.train.flip, explicit.train.crop_padding) == (True, 2)  # set: kept; null: the dataset's
     assert parse_params(mnist.model_dump(by_alias=True)) == mnist  # the resolved dump rebuilds it
-    assert parse_params({"data": {"dataset": "mnist"}, "model": {"patch_size": 7}}).model.patch_size == 7
+    assert (
+        parse_params(
+            {"data": {"dataset": "mnist"}, "model": {"preset": "tinyvit", "patch_size": 7}}
+        ).model.patch_size
+        == 7
+    )
 
 
 def test_a_source_without_md5_is_valid_params_the_download_decides():
@@ -412,7 +417,10 @@ def test_every_recipe_is_valid_train_keys_for_a_time_budget(name):
 @pytest.mark.parametrize(
     ("train", "expected"),
     [
-        ({"recipe": "fast"}, "train.recipe: got 'fast'; known recipes: cnn-budget, resnet-budget"),
+        (
+            {"recipe": "fast"},
+            "train.recipe: got 'fast'; known recipes: vit-sample, cnn-budget, resnet-budget",
+        ),
         (
             {"recipe": "vit-budget"},
             "train.epochs=null trains until a time budget ends: set train.time_budget_s",

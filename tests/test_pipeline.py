@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline_fixtures import run as _run
 
 from vitlab.distill import NO_TEACHER
+from vitlab.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -78,7 +79,8 @@ def test_repro_writes_every_output(pipeline_run):
     )
     assert [o.name for o in session.get_outputs()] == ["logits", "attention"]
     shipped = onnx.load(root / "models" / "model.onnx")
-    assert [node.op_type for node in shipped.graph.node].count("MultiHeadAttention") == 6  # one per block
+    depth = load_params(root / "params.yaml").model.depth
+    assert [node.op_type for node in shipped.graph.node].count("MultiHeadAttention") == depth  # one per block
     inference = _json(root / "reports" / "inference" / "metrics.json")
     assert inference["onnxruntime_test_accuracy"] == pytest.approx(evaluation["test_accuracy"], abs=1e-6)
 

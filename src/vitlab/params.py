@@ -367,7 +367,7 @@ class _ModelSection(Section):
     architecture reads holds the value the model is built with and the others are null (what ``vitlab
     params`` prints)."""
 
-    preset: str | None = Field("tinyvit", description="a named architecture (vitlab.presets); null: none")
+    preset: str | None = Field("cct-2-3x2", description="a named architecture (vitlab.presets); null: none")
     name: Literal[tuple(CONFIGS)] = Field(  # type: ignore[valid-type]
         "vit", description="the architecture: the preset's, or with preset null the one chosen here"
     )
@@ -465,7 +465,9 @@ class TrainParams(_FromDataset):
 
     section: ClassVar[str] = "train"
 
-    recipe: str | None = Field(None, description="a named recipe (vitlab.recipes); keys set beside it win")
+    recipe: str | None = Field(
+        "vit-sample", description="a named recipe (vitlab.recipes); keys set beside it win; null: none"
+    )
     epochs: int | None = Field(40, gt=0, description="null: no limit, until train.time_budget_s is spent")
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
@@ -513,7 +515,7 @@ class TrainParams(_FromDataset):
     def _apply_recipe(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
-        name = raw.get("recipe")
+        name = raw.get("recipe", cls.model_fields["recipe"].default)  # null: no recipe
         if name is not None and name not in RECIPES:
             raise ValueError(f"train.recipe: got {name!r}; known recipes: {', '.join(RECIPES)}")
         given = {key: value for key, value in raw.items() if value is not None}
