@@ -12,8 +12,14 @@ from vitlab.cpu import prepare_process
 prepare_process()  # before any test imports torch, as every vitlab entry point: OpenMP's wait policy
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` skip on a machine without a CUDA device (CI's, the developers')."""
+    """The tests of the one pipeline run (``pipeline_run``) go to one xdist worker (``--dist loadgroup``), so
+    its `dvc repro` runs once while the other worker takes the rest; tests marked ``cuda`` skip on a machine
+    without a CUDA device (CI's, the developers')."""
+    for item in items:
+        if "pipeline_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
     import torch
 
     if torch.cuda.is_available():

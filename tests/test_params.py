@@ -405,6 +405,9 @@ def test_a_recipe_fills_the_train_keys_left_null_and_any_key_set_beside_it_wins(
     assert (epochs.epochs, epochs.warmup_epochs, epochs.warmup_fraction) == (30, 2, None)
     params = parse_params(raw | {"train": train})
     assert params == Params.model_validate(params.model_dump(by_alias=True))  # the dump rebuilds it
+    # -S train.recipe=null: no recipe (named null, not the default's name) and the defaults.
+    plain = parse_params(raw | {"train": raw["train"] | {"recipe": None}}).train
+    assert (plain.recipe, plain.batch_size, plain.learning_rate, plain.epochs) == (None, 128, 2e-3, 40)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

@@ -528,7 +528,7 @@ class TrainParams(_FromDataset):
             built["warmup_fraction"] = None
         if built.get("warmup_fraction") is not None:
             built["warmup_epochs"] = None
-        return built
+        return built | {"recipe": name}  # null stays null: not the default recipe's name
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
