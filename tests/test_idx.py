@@ -34,12 +34,15 @@ def test_read_idx_reads_images_and_labels(tmp_path):
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        (gzip.compress(idx_bytes(np.zeros(5, np.uint8))), "idx magic number 2049, expected 2051"),
-        (gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)))[:-30], "corrupt or truncated gzip file"),
+        (gzip.compress(idx_bytes(np.zeros(5, np.uint8)), mtime=0), "idx magic number 2049, expected 2051"),
+        (
+            gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)), mtime=0)[:-30],
+            "corrupt or truncated gzip file",
+        ),
         (idx_bytes(np.zeros((2, 28, 28), np.uint8)), "corrupt or truncated gzip file"),  # not gzipped
-        (gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8))[:-5]), "the file holds 1563"),
-        (gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)) + b"x"), "the file holds 1569"),
-        (gzip.compress(b"\x00\x00\x08\x03\x00"), "too short for an idx header of 16"),
+        (gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8))[:-5], mtime=0), "the file holds 1563"),
+        (gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)) + b"x", mtime=0), "the file holds 1569"),
+        (gzip.compress(b"\x00\x00\x08\x03\x00", mtime=0), "too short for an idx header of 16"),
         (b"", "0 bytes, too short for an idx header"),
     ],
 )
