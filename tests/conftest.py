@@ -12,14 +12,8 @@ from vitlab.cpu import prepare_process
 prepare_process()  # before any test imports torch, as every vitlab entry point: OpenMP's wait policy
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The tests of the one pipeline run (``pipeline_run``) go to one xdist worker (``--dist loadgroup``), so
-    its `dvc repro` runs once while the other worker takes the rest; tests marked ``cuda`` skip on a machine
-    without a CUDA device (CI's, the developers')."""
-    for item in items:
-        if "pipeline_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("pipeline"))
+    """Tests marked ``cuda`` skip on a machine without a CUDA device (CI's, the developers')."""
     import torch
 
     if torch.cuda.is_available():
@@ -83,7 +77,8 @@ def network_attempts(monkeypatch):
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """(root, env): one `dvc repro` of the committed pipeline in a temporary clone, shared by every end-to-end
-    test of the session (tests/pipeline_fixtures.py); ``env`` runs the clone's own code."""
+    test of the session (tests/pipeline_fixtures.py); ``env`` runs the clone's own code. Its tests are all in
+    tests/test_pipeline.py: pytest-xdist (--dist loadscope) runs a module on one worker, so one repro."""
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode:
         pytest.skip("the repository has no commit to clone")
     return clone_and_repro(tmp_path_factory.mktemp("e2e"))

@@ -20,7 +20,7 @@ def _stage(name: str, cwd: Path, cxx: str) -> subprocess.CompletedProcess:
     """``vitlab stage NAME`` with train.compile on, in a folder with no data, CXX (what TorchInductor reads
     for its compiler when it is imported) set to ``cxx``."""
     # The teacher stage trains only for a distilled model (else it writes a note and returns).
-    distill = "model:\n  distillation: true\n" if name == "teacher" else ""
+    distill = "model:\n  preset: tinyvit\n  distillation: true\n" if name == "teacher" else ""
     (cwd / "params.yaml").write_text(f"{distill}train:\n  compile: true\n  device: cpu\n")
     env = dict(os.environ, CXX=cxx)
     command = [sys.executable, "-m", "vitlab.cli", "stage", name]

@@ -19,6 +19,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 from pipeline_fixtures import run as _run
+from serving_fixtures import save_pngs
+from test_serve import Server, check_concurrent_clients, predict_cli  # the serve tests' client
 
 from vitlab.distill import NO_TEACHER
 from vitlab.params import load_params
@@ -255,3 +257,15 @@ def test_exp_run_distilled_variant_exports_what_was_evaluated(variant):
 def test_exp_run_reads_the_cifar100_subset_through_the_mirror_parameters(variant):
     assert variant["data.dataset"] == "cifar100"
     assert int(float(variant["test_images"])) == 916
+
+
+def test_32_clients_get_vitlab_predicts_answers_from_the_pipelines_model(pipeline_run, tmp_path):
+    root, env = pipeline_run
+    with np.load(root / "data" / "prepared" / "test.npz") as test:
+        paths = save_pngs(test["images"][:200], tmp_path / "test")
+    model = root / "models" / "model.onnx"
+    served = Server(model, tmp_path / "server.log", env=env)
+    try:
+        check_concurrent_clients(served, paths, predict_cli(model, paths, env), clients=32, requests=20)
+    finally:
+        assert served.stop() == 0

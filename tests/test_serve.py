@@ -1,6 +1,6 @@
 """`vitlab serve` as clients see it: a real uvicorn server in a subprocess on a free loopback port, spoken to
 over HTTP with httpx. Most tests serve a small untrained ViT exported in a second; the concurrency test also
-serves the model of the test session's pipeline run, on its real test images."""
+serves the model of the test session's pipeline run, on its real test images (tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -489,16 +489,3 @@ def check_concurrent_clients(server: Server, paths: list[Path], expected: dict, 
 
 def test_concurrent_clients_each_get_their_own_answers(server, images, expected):
     check_concurrent_clients(server, images, expected, clients=16, requests=5)
-
-
-@pytest.mark.slow
-def test_32_clients_get_vitlab_predicts_answers_from_the_pipelines_model(pipeline_run, tmp_path):
-    root, env = pipeline_run
-    with np.load(root / "data" / "prepared" / "test.npz") as test:
-        paths = save_pngs(test["images"][:200], tmp_path / "test")
-    model = root / "models" / "model.onnx"
-    served = Server(model, tmp_path / "server.log", env=env)
-    try:
-        check_concurrent_clients(served, paths, predict_cli(model, paths, env), clients=32, requests=20)
-    finally:
-        assert served.stop() == 0
