@@ -40,6 +40,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -375,9 +376,12 @@ def _detail(body: bytes) -> str:
         detail = json.loads(body)["detail"]
     except (ValueError, KeyError, TypeError):
         return body[:200].decode(errors="replace") or "(no detail)"
-    if isinstance(detail, list):  # [{"loc": ["query", "top_k"], "msg": "..."}]
-        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}" for d in detail)
-    return str(detail)
+    return _validation_line(detail) if isinstance(detail, list) else str(detail)
+
+
+def _validation_line(errors: list[dict[str, Any]]) -> str:
+    """FastAPI's validation errors ([{"loc": ["query", "top_k"], "msg": "..."}]) as one line."""
+    return "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', '')}" for e in errors)
 
 
 class Answer(BaseModel):
@@ -530,6 +534,11 @@ def create_app(classifier: Classifier, model_name: str, settings: ServeSettings 
     @app.exception_handler(_Refused)
     async def refused(request: Request, error: _Refused) -> JSONResponse:
         return _error(error.status, error.detail, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        """A bad query parameter (``top_k=0``): 422 with the one-line ``detail`` every error answer has."""
+        return _error(422, _validation_line(list(error.errors())))
 
     @app.post("/predict", response_model=Predictions, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
     async def predict(
