@@ -37,6 +37,11 @@ bootstrap interval and the paired difference to resnet (``vitlab.stats.over_seed
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (prepare_process runs before torch loads: the imports below it load torch)
+from vitlab.cpu import prepare_process
+
+prepare_process()  # as every vitlab entry point: OpenMP's wait policy; the pins with VITLAB_BIT_IDENTICAL=1
+
 import argparse
 import json
 import sys

@@ -305,3 +305,67 @@ def test_the_serve_benchmark_compares_each_concurrency_with_the_mean_in_process_
     )
     assert "on 2 ONNX Runtime thread(s); 1 answers differed" in lines[8]
     assert lines[9].endswith("peak 103.0; growth after the warm-up +2.0.")
+
+
+def test_the_full_data_runs_keep_their_recipes_crop_and_flip_else_take_the_datasets():
+    from vitlab.data.sources import DATASETS
+
+    full_data = load_benchmark("full_data")
+    airbench = full_data.recipe("airbench", DATASETS["cifar10"], None, 8)
+    assert (airbench.crop_padding, airbench.flip, airbench.epochs) == (2, "alternate", 8)
+    resnet = full_data.recipe("resnet-budget", DATASETS["mnist"], 600.0)
+    assert (resnet.crop_padding, resnet.flip) == (DATASETS["mnist"].crop_padding, False)
+    assert full_data.TTA["airbench"] == "flip_translate"
+
+
+REFERENCE_OUTPUT = """\
+---------------------------------------------------------------------------------
+|  run     |  epoch  |  train_acc  |  val_acc  |  tta_val_acc  |  time_seconds  |
+---------------------------------------------------------------------------------
+|       0  |      0  |     0.7030  |   0.6736  |               |      155.6056  |
+|          |      1  |     0.7800  |   0.7700  |               |      260.0000  |
+|          |   eval  |     0.9500  |   0.9300  |       0.9411  |      300.5000  |
+---------------------------------------------------------------------------------
+TTA accuracy: 0.9411
+"""
+
+
+def test_the_reference_runs_table_is_read_epoch_by_epoch_and_an_unfinished_run_refused(tmp_path):
+    reference = load_benchmark("reference_airbench")
+    figures = reference.parse(REFERENCE_OUTPUT)
+    assert [e["epoch"] for e in figures["epochs"]] == [1, 2]
+    assert figures["epochs"][0] == {
+        "epoch": 1,
+        "train_accuracy": 0.703,
+        "test_accuracy": 0.6736,
+        "time_s": 155.6056,
+    }
+    assert (figures["tta_test_accuracy"], figures["time_s"]) == (0.9411, 300.5)
+    with pytest.raises(ValueError, match="did it finish"):
+        reference.parse(REFERENCE_OUTPUT.split("|   eval")[0])
+    log = tmp_path / "run.log"
+    log.write_text(REFERENCE_OUTPUT)
+    out = tmp_path / "reference.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "reference_airbench.py"), "--log", str(log), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "94.11% with TTA in 300 s" in done.stderr
+    record = json.loads(out.read_text())
+    assert record["output"] == REFERENCE_OUTPUT and record["tta_test_accuracy"] == 0.9411
+
+
+def test_the_threads_benchmark_measures_one_thread_and_torchs_default(tmp_path):
+    out = tmp_path / "threads.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_threads.py"), "--quick", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [r["threads"] for r in result["runs"]["1"]] == [1]
+    # Left alone, torch takes a thread per physical core this process may use (at least 1).
+    assert result["threads_default"] >= 1 and result["cores_allowed"] == len(os.sched_getaffinity(0))
+    assert result["images_per_s_1_thread"] > 0 and result["images_per_s_default"] > 0
+    assert "img/s on 1 thread" in done.stdout

@@ -7,10 +7,10 @@ from cifar_fakes import separable_split
 
 from vitlab.checkpoint import Normalization
 from vitlab.evaluate import evaluate
-from vitlab.models import build_model
-from vitlab.optim import build_optimizers
+from vitlab.models import build_model, preset_config
+from vitlab.optim import FilterMuon, build_optimizers
 from vitlab.params import TrainParams
-from vitlab.train import _grad_norm, _lr_factor, split_train_val, train
+from vitlab.train import _grad_norm, _lr_factor, split_train_val, train, warmup_cosine
 
 # Every kind of parameter: LSA's temperature, the CLS and distillation tokens, position embeddings, norms,
 # biases, 2-D weights, a conv stem's 4-D kernels and the two heads.
@@ -137,3 +137,102 @@ def test_warmup_fraction_is_a_share_of_the_epochs_or_of_the_time_budget():
     assert by_time(0) == pytest.approx(2501 / 5000)
     clock.elapsed_s = 100.0
     assert by_time(0) == pytest.approx(0.0)
+
+
+def _airbench(**widths):
+    arch, config = preset_config("airbench", group_widths=(8, 16), **widths)
+    return build_model(arch, config)
+
+
+def test_muon_filters_takes_the_conv_filters_and_keeps_each_bank_at_norm_sqrt_out():
+    model = _airbench()
+    sgd, filter_muon = _optimizers(model, optimizer="sgd", muon_filters=True, muon_filters_lr=0.2)
+    assert isinstance(filter_muon, FilterMuon)
+    filters = _names(model, filter_muon.param_groups[0]["params"])
+    trainable_4d = {n for n, p in model.named_parameters() if p.ndim == 4 and p.requires_grad}
+    assert filters == trainable_4d and len(filters) == 4  # two per group; the frozen whitening conv is not
+    rest = _names(model, [p for g in sgd.param_groups for p in g["params"]])
+    assert rest.isdisjoint(filters) and "head.3.weight" in rest
+    before = {n: model.get_parameter(n).detach().clone() for n in filters}
+    torch.manual_seed(0)
+    for n in filters:
+        model.get_parameter(n).grad = torch.randn_like(before[n])
+    filter_muon.step()
+    for n in filters:
+        after = model.get_parameter(n).detach()
+        out = len(after)
+        # The bank was rescaled to norm sqrt(out), then moved by lr times an orthogonalized update, whose
+        # singular values Newton-Schulz brings near 1 (bf16: loosely), so its norm is about sqrt(min side).
+        normalized = before[n] * out**0.5 / before[n].norm()
+        step = (after - normalized).flatten(1)
+        side = min(step.shape)
+        assert step.norm().item() == pytest.approx(0.2 * side**0.5, rel=0.5)
+        singular = torch.linalg.svdvals(step / 0.2)
+        assert singular.max().item() < 1.6 and singular[:side].min().item() > 0.3
+
+
+def test_bias_lr_scale_multiplies_the_batchnorm_and_whitening_biases_and_divides_their_decay():
+    model = _airbench()
+    (sgd,) = _optimizers(model, optimizer="sgd", learning_rate=0.5, weight_decay=0.01, bias_lr_scale=64.0)
+    base, biases = sgd.param_groups
+    assert (base["lr"], base["weight_decay"]) == (0.5, 0.01)
+    assert (biases["lr"], biases["weight_decay"]) == (32.0, 0.01 / 64)
+    expected = {n for n, _ in model.named_parameters() if n.endswith("bias") and "features" in n}
+    assert _names(model, biases["params"]) == expected and "features.0.bias" in expected
+    (plain,) = _optimizers(model, optimizer="sgd", momentum=0.85)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["momentum"] == 0.85
+
+
+def test_whiten_bias_epochs_freezes_the_whitening_bias_after_those_epochs():
+    data = separable_split(64, seed=3)
+
+    def fit(whiten_bias_epochs):
+        torch.manual_seed(0)
+        model = _airbench()
+        params = TrainParams(
+            epochs=3,
+            batch_size=32,
+            warmup_epochs=0,
+            device="cpu",
+            optimizer="sgd",
+            learning_rate=0.05,
+            whiten_bias_epochs=whiten_bias_epochs,
+        )
+        biases = []
+        train(
+            model,
+            data,
+            None,
+            Normalization.from_images(data.images),
+            params,
+            on_epoch=lambda row: biases.append(model.whiten.bias.detach().clone()),
+        )
+        return biases
+
+    frozen_after_1 = fit(1)
+    assert frozen_after_1[0].equal(frozen_after_1[1]) and frozen_after_1[1].equal(frozen_after_1[2])
+    always = fit(None)
+    assert not always[1].equal(always[2])  # trained throughout without the key
+    assert always[0].equal(frozen_after_1[0])  # the same first epoch either way
+
+
+def test_linear_schedule_decays_to_zero_in_a_straight_line_after_the_warmup():
+    linear = warmup_cosine(2, 10, "linear")
+    assert [linear(s) for s in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    )
+    assert linear(12) == 0.0
+    cosine = warmup_cosine(2, 10)
+    assert cosine(6) == pytest.approx(0.5)
+
+
+def test_the_airbench_recipe_is_the_reference_in_vitlabs_terms():
+    params = TrainParams(recipe="airbench")
+    assert (params.epochs, params.batch_size, params.optimizer, params.momentum) == (8, 2000, "sgd", 0.85)
+    # The reference's summed loss and 256/9-times head weights, in vitlab's batch mean: head 0.67 -> 1.656,
+    # biases 0.053 -> 106 (64 times), per-step weight decay 0.004 on both.
+    assert params.learning_rate == pytest.approx(0.67 * (9 / 256) ** 2 * 2000, rel=1e-3)
+    assert params.learning_rate * params.bias_lr_scale == pytest.approx(0.053 * 2000)
+    assert params.learning_rate * params.weight_decay == pytest.approx(0.004)
+    assert (params.crop_padding, params.flip, params.label_smoothing) == (2, "alternate", 0.2)
+    assert (params.muon_filters, params.whiten_bias_epochs, params.lr_schedule) == (True, 3, "linear")

@@ -473,9 +473,24 @@ class TrainParams(_FromDataset):
     learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
     optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", description="adamw, or sgd with Nesterov momentum 0.9 (weight decay as L2 there)"
+        "adamw", description="adamw, or sgd with Nesterov momentum (weight decay as L2 there)"
     )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD's Nesterov momentum (airbench: 0.85)")
     muon: bool = Field(False, description="Muon for the 2-D weight matrices but the head's (vitlab.optim)")
+    muon_filters: bool = Field(
+        False, description="Muon for the conv filters, kept at a fixed norm (airbench94_muon; vitlab.optim)"
+    )
+    muon_filters_lr: float = Field(0.24, gt=0.0, description="muon_filters' step relative to the weights")
+    muon_filters_momentum: float = Field(0.6, ge=0.0, lt=1.0, description="muon_filters' Nesterov momentum")
+    bias_lr_scale: float = Field(
+        1.0, gt=0.0, description="learning-rate multiplier of BatchNorm and whitening biases (airbench: 64)"
+    )
+    whiten_bias_epochs: int | None = Field(
+        None, ge=0, description="train airbench's whitening bias so many epochs, then freeze it; null: all"
+    )
+    lr_schedule: Literal["cosine", "linear"] = Field(
+        "cosine", description="the decay to 0 after the warmup: cosine, or linear (airbench)"
+    )
     selective_decay: bool = Field(
         False, description="no weight decay on norms, biases, position embeddings and tokens (vitlab.optim)"
     )

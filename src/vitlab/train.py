@@ -131,14 +131,17 @@ def training_data(dataset: PreparedDataset, data: DataParams) -> tuple[Split, Sp
     return train_split, val_split, Normalization.from_images(train_split.images)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate multiplier: linear warmup from 1/warmup to 1, then cosine decay to 0 at total_steps."""
+def warmup_cosine(warmup_steps: int, total_steps: int, decay: str = "cosine") -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warmup from 1/warmup to 1, then a decay to 0 at total_steps, cosine
+    (Loshchilov and Hutter, 2017, "SGDR") or, with ``decay="linear"``, linear (airbench94_muon)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if decay == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
@@ -180,12 +183,14 @@ def _lr_factor(params: TrainParams, steps_per_epoch: int, clock: _Clock) -> Call
     if params.time_budget_s is None:
         total = params.epochs * steps_per_epoch
         if params.warmup_fraction is not None:
-            return warmup_cosine(round(params.warmup_fraction * total), total)
-        return warmup_cosine(round(params.warmup_epochs * steps_per_epoch), total)
+            return warmup_cosine(round(params.warmup_fraction * total), total, params.lr_schedule)
+        return warmup_cosine(round(params.warmup_epochs * steps_per_epoch), total, params.lr_schedule)
     budget_ms = round(params.time_budget_s * 1000)
     share = params.warmup_fraction
     by_time = warmup_cosine(
-        round((params.warmup_epochs / params.epochs if share is None else share) * budget_ms), budget_ms
+        round((params.warmup_epochs / params.epochs if share is None else share) * budget_ms),
+        budget_ms,
+        params.lr_schedule,
     )
     return lambda _step: by_time(int(clock.elapsed_s * 1000))
 
@@ -259,6 +264,7 @@ def train(
         for epoch in (
             itertools.count(first_epoch) if params.epochs is None else range(first_epoch, params.epochs + 1)
         ):
+            _freeze_whitening_bias(model, epoch, params.whiten_bias_epochs)
             row = train_one_epoch(net, run, epoch)
             if val_split is not None:
                 row |= _validate(run.evaluated, val_split, norm, world.device)
@@ -359,6 +365,15 @@ class _Run:
             steps_per_epoch=steps_per_epoch,
             channels_last=channels_last,
         )
+
+
+def _freeze_whitening_bias(model: nn.Module, epoch: int, epochs: int | None) -> None:
+    """airbench's whitening conv bias (``model.whiten.bias``) trains for the first ``epochs`` epochs only
+    (``train.whiten_bias_epochs``; Jordan, 2024, section 3.2); null: throughout. Set before each epoch, so a
+    resumed run freezes it too."""
+    whiten = getattr(model, "whiten", None)
+    if epochs is not None and isinstance(whiten, nn.Conv2d) and whiten.bias is not None:
+        whiten.bias.requires_grad_(epoch <= epochs)
 
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
