@@ -410,6 +410,23 @@ def test_a_recipe_fills_the_train_keys_left_null_and_any_key_set_beside_it_wins(
     assert (plain.recipe, plain.batch_size, plain.learning_rate, plain.epochs) == (None, 128, 2e-3, 40)
 
 
+def test_the_airbench_readme_row_is_three_keys_on_the_committed_params():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # What `dvc exp run -S model.preset=airbench -S train.recipe=airbench -S evaluate.tta=flip_translate`
+    # writes, on the full CIFAR-10 (data.dataset=cifar10).
+    params = parse_params(
+        raw
+        | {"model": raw["model"] | {"preset": "airbench"}}
+        | {"train": raw["train"] | {"recipe": "airbench"}}
+        | {"evaluate": raw["evaluate"] | {"tta": "flip_translate"}}
+        | {"data": raw["data"] | {"dataset": "cifar10"}}
+    )
+    assert params.model.name == "airbench" and params.evaluate.tta == "flip_translate"
+    train = params.train
+    assert (train.epochs, train.batch_size, train.crop_padding, train.flip) == (8, 2000, 2, "alternate")
+    assert (train.muon_filters, train.bias_lr_scale, train.whiten_bias_epochs) == (True, 64.0, 3)
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_is_valid_train_keys_for_a_time_budget(name):
     assert set(RECIPES[name].train) <= set(TrainParams.model_fields) - {"recipe", "device", "seed", "resume"}
