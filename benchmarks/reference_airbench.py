@@ -1,7 +1,7 @@
 """Run the reference fast-training CNN, airbench94_muon's CPU port (``../shared/reference/airbench94_cpu.py``,
 code from elsewhere, kept outside the project), on this machine and record its figures beside vitlab's.
 
-    python benchmarks/reference_airbench.py                     # one run: ~15 min on 2 Zen 5 cores with bf16
+    python benchmarks/reference_airbench.py                     # one run: 22 min on 2 Zen 5 cores with bf16
     python benchmarks/reference_airbench.py --log run.log       # record a run already made (its output)
     python benchmarks/full_data.py --epochs 8 --runs airbench   # then vitlab's airbench, on the same machine
 

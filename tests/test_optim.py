@@ -185,6 +185,7 @@ def test_bias_lr_scale_multiplies_the_batchnorm_and_whitening_biases_and_divides
 
 def test_whiten_bias_epochs_freezes_the_whitening_bias_after_those_epochs():
     data = separable_split(64, seed=3)
+    model_requires_grad = []
 
     def fit(whiten_bias_epochs):
         torch.manual_seed(0)
@@ -199,6 +200,7 @@ def test_whiten_bias_epochs_freezes_the_whitening_bias_after_those_epochs():
             whiten_bias_epochs=whiten_bias_epochs,
         )
         biases = []
+        model_requires_grad.append(None)
         train(
             model,
             data,
@@ -207,9 +209,12 @@ def test_whiten_bias_epochs_freezes_the_whitening_bias_after_those_epochs():
             params,
             on_epoch=lambda row: biases.append(model.whiten.bias.detach().clone()),
         )
+        model_requires_grad[-1] = model.whiten.bias.requires_grad
         return biases
 
     frozen_after_1 = fit(1)
+    # Still a trainable parameter (its gradient is dropped, so every DDP process reduces the same ones).
+    assert model_requires_grad[-1]
     assert frozen_after_1[0].equal(frozen_after_1[1]) and frozen_after_1[1].equal(frozen_after_1[2])
     always = fit(None)
     assert not always[1].equal(always[2])  # trained throughout without the key

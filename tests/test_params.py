@@ -427,6 +427,27 @@ def test_the_airbench_readme_row_is_three_keys_on_the_committed_params():
     assert (train.muon_filters, train.bias_lr_scale, train.whiten_bias_epochs) == (True, 64.0, 3)
 
 
+def test_a_recipes_crop_and_flip_win_over_the_datasets_but_digits_are_never_flipped_by_one():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def train(dataset, **keys):
+        return parse_params(
+            raw | {"data": raw["data"] | {"dataset": dataset}} | {"train": raw["train"] | keys}
+        ).train
+
+    assert (train("cifar10", recipe="vit-budget-plus", time_budget_s=60).flip) == "alternate"
+    assert train("mnist", recipe="vit-budget-plus", time_budget_s=60).flip is False
+    assert train("mnist", recipe="vit-budget-plus", time_budget_s=60, flip="alternate").flip == "alternate"
+    assert (
+        train("cifar10", recipe="vit-budget").flip,
+        train("cifar10", recipe="vit-budget").crop_padding,
+    ) == (
+        True,
+        4,
+    )
+    assert train("cifar10", recipe="airbench", crop_padding=3).crop_padding == 3  # a key set wins
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_is_valid_train_keys_for_a_time_budget(name):
     assert set(RECIPES[name].train) <= set(TrainParams.model_fields) - {"recipe", "device", "seed", "resume"}

@@ -303,6 +303,20 @@ def dataset_defaults(spec: DatasetSpec) -> dict[str, dict[str, Any]]:
     }
 
 
+def _left_to_the_dataset(defaults: dict[str, Any], train: Any, spec: DatasetSpec) -> dict[str, Any]:
+    """The train keys of ``defaults`` (the dataset's crop padding and flip) that the recipe named in the raw
+    train section ``train`` does not set: a recipe's value wins over the dataset's, but for a dataset that
+    is not flipped (digits), whose ``flip: false`` wins over a recipe's flips."""
+    train = train if isinstance(train, dict) else {}
+    name = train.get("recipe", TrainParams.model_fields["recipe"].default)
+    recipe = RECIPES[name].train if isinstance(name, str) and name in RECIPES else {}
+    return {
+        key: value
+        for key, value in defaults.items()
+        if key not in recipe or (key == "flip" and spec.flip is False)
+    }
+
+
 def _fill(raw: Any, defaults: dict[str, Any]) -> Any:
     """A section's raw mapping with each of ``defaults``' keys that is null or absent set to its value."""
     if raw is None:
@@ -470,7 +484,7 @@ class TrainParams(_FromDataset):
     )
     epochs: int | None = Field(40, gt=0, description="null: no limit, until train.time_budget_s is spent")
     batch_size: int = Field(128, gt=0, description="global: a DDP run gives each process an equal share")
-    learning_rate: float = Field(2e-3, gt=0.0, description="AdamW's peak, after the linear warmup")
+    learning_rate: float = Field(2e-3, gt=0.0, description="the peak, after the linear warmup")
     weight_decay: float = Field(0.05, ge=0.0)
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw", description="adamw, or sgd with Nesterov momentum (weight decay as L2 there)"
@@ -499,7 +513,7 @@ class TrainParams(_FromDataset):
         0.0, ge=0.0, lt=1.0, description="per-step decay of the weight average validated and saved; 0: off"
     )
     warmup_epochs: float | None = Field(
-        3.0, ge=0.0, description="linear warmup, then cosine decay to 0; null with warmup_fraction"
+        3.0, ge=0.0, description="linear warmup, then the lr_schedule's decay to 0; null with warmup_fraction"
     )
     warmup_fraction: WarmupFraction = None
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
@@ -664,6 +678,8 @@ class Params(Section):
         filled = dict(raw)
         for section, defaults in dataset_defaults(DATASETS[name]).items():
             key = "validate_" if section == "validate" and "validate_" in raw else section
+            if section == "train":
+                defaults = _left_to_the_dataset(defaults, raw.get(key), DATASETS[name])
             filled[key] = _fill(raw.get(key), defaults)
         return filled
 

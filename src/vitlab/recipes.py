@@ -5,7 +5,8 @@ a train key set in params.yaml (or with ``-S``) wins over the recipe, a null key
 else its default. So ``dvc exp run -S model.preset=cct-2-3x2 -S train.recipe=vit-budget -S
 train.time_budget_s=600`` trains a README row. The budget recipes train until ``train.time_budget_s`` is
 spent (``epochs: null``), warming up over a share of it (``warmup_fraction``) before a cosine decay that ends
-with it. The crop padding and flips stay the dataset's.
+with it. A recipe's crop padding and flips win over the dataset's, except that a dataset without flips
+(MNIST's digits) is never flipped by one.
 """
 
 from __future__ import annotations

@@ -264,7 +264,6 @@ def train(
         for epoch in (
             itertools.count(first_epoch) if params.epochs is None else range(first_epoch, params.epochs + 1)
         ):
-            _freeze_whitening_bias(model, epoch, params.whiten_bias_epochs)
             row = train_one_epoch(net, run, epoch)
             if val_split is not None:
                 row |= _validate(run.evaluated, val_split, norm, world.device)
@@ -367,13 +366,16 @@ class _Run:
         )
 
 
-def _freeze_whitening_bias(model: nn.Module, epoch: int, epochs: int | None) -> None:
-    """airbench's whitening conv bias (``model.whiten.bias``) trains for the first ``epochs`` epochs only
-    (``train.whiten_bias_epochs``; Jordan, 2024, section 3.2); null: throughout. Set before each epoch, so a
-    resumed run freezes it too."""
+def frozen_whitening_bias(model: nn.Module, epoch: int, epochs: int | None) -> torch.Tensor | None:
+    """airbench's whitening conv bias (``model.whiten.bias``) when epoch ``epoch`` (from 1) must leave it
+    as it is: it trains for the first ``epochs`` epochs only (``train.whiten_bias_epochs``; Jordan, 2024),
+    null: throughout. Its gradient is dropped after each backward pass rather than switched off, so that
+    every process of a DDP run still reduces the same parameters; the optimizer skips a parameter without a
+    gradient (no step, no weight decay)."""
     whiten = getattr(model, "whiten", None)
-    if epochs is not None and isinstance(whiten, nn.Conv2d) and whiten.bias is not None:
-        whiten.bias.requires_grad_(epoch <= epochs)
+    if epochs is None or epoch <= epochs or not isinstance(whiten, nn.Conv2d) or whiten.bias is None:
+        return None
+    return whiten.bias
 
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -414,6 +416,7 @@ def train_one_epoch(net: nn.Module, run: _Run, epoch: int) -> dict[str, float]:
     totals = torch.zeros(2, device=device)  # this process's loss sum and correct predictions
     seen = 0  # images, the same number in every process
     trainable = [p for p in run.model.parameters() if p.requires_grad]
+    frozen = frozen_whitening_bias(run.model, epoch, params.whiten_bias_epochs)
     bar = tqdm(
         desc=run.clock.progress(epoch),
         total=run.steps_per_epoch,
@@ -432,6 +435,8 @@ def train_one_epoch(net: nn.Module, run: _Run, epoch: int) -> dict[str, float]:
             loss, logits = _loss(net, run.teacher, x, targets, params.label_smoothing)
         run.optimizers.zero_grad()
         loss.backward()
+        if frozen is not None:
+            frozen.grad = None
         run.watch.record(step, loss.detach(), _grad_norm(trainable, params.grad_clip))
         run.optimizers.step()
         if run.ema is not None:
